@@ -1,0 +1,20 @@
+"""pitome: token merging for pretrained transformers, with PiToMe (NeurIPS 2024) and its baselines.
+
+    import pitome
+    pitome.patch(model, algo="pitome", ratio=0.9)
+    pitome.unpatch(model)
+"""
+
+from __future__ import annotations
+
+from . import algorithms as _algorithms  # noqa: F401  (fills the registry)
+from .adapters import supported_models
+from .adapters.base import UnsupportedModelError
+from .api import merge_info, patch, unpatch
+from .core.registry import available_algorithms, register
+from .core.state import MergeInfo
+
+__version__ = "0.1.0"
+
+__all__ = ["MergeInfo", "UnsupportedModelError", "available_algorithms", "merge_info", "patch",
+           "register", "supported_models", "unpatch", "__version__"]

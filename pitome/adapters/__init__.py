@@ -1,0 +1,29 @@
+"""Model-family adapters, tried in order; each recognises models by class name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import CONFIG_ATTR, Adapter, UnsupportedModelError
+from .timm_vit import TimmVisionTransformerAdapter
+
+ADAPTERS: list[Adapter] = [TimmVisionTransformerAdapter()]
+
+
+def supported_models() -> list[str]:
+    """One line per supported model family."""
+    return [adapter.supported for adapter in ADAPTERS]
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise UnsupportedModelError(type(model).__name__, supported_models())
+
+
+def patched_adapter(model: nn.Module) -> Adapter | None:
+    """The adapter that patched ``model``, or None if it is not patched."""
+    if CONFIG_ATTR not in model.__dict__:
+        return None
+    return find_adapter(model)

@@ -1,0 +1,163 @@
+"""timm's VisionTransformer family: ViT, DeiT (distilled too), DeiT-III, MAE, CLIP-style, registers.
+
+The adapter composes each model's own submodules; it never copies a timm forward. Merging
+happens inside each block after the attention residual and before the MLP (ToMe's
+placement); the metric is the attention keys averaged over heads, taken from the same qkv
+projection that feeds fused ``scaled_dot_product_attention``. Proportional attention is an
+additive ``log size`` bias on the keys, so the fused kernel still applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.schedule import LinearMargin
+from ..core.state import MergeConfig, MergeState
+from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, record_info, \
+    restore_class, swap_class
+
+MODEL_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+BLOCK_CLASSES = ("Block", "ResPostBlock")
+ATTENTION_CLASS = "Attention"
+
+
+def attention_with_keys(attn: nn.Module, x: torch.Tensor,
+                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Attention`` on ``x`` with an additive key bias; returns output and head-mean keys."""
+    batch, tokens, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    else:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        out = attn.attn_drop(logits.softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+def _metric(config: MergeConfig, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return keys if config.metric == "keys" else hidden
+
+
+class MergingBlock:
+    """Pre-norm ``Block``: attention, residual, merge, MLP."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, merge_state: MergeState | None = None,
+                block_index: int = 0) -> torch.Tensor:
+        if merge_state is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        h, keys = attention_with_keys(self.attn, self.norm1(x), merge_state.attention_bias(x.dtype))
+        x = x + self.drop_path1(self.ls1(h))
+        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class MergingResPostBlock:
+    """Post-norm ``ResPostBlock``: attention, norm, residual, merge, MLP."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False, merge_state: MergeState | None = None,
+                block_index: int = 0) -> torch.Tensor:
+        if merge_state is None:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        h, keys = attention_with_keys(self.attn, x, merge_state.attention_bias(x.dtype))
+        x = x + self.drop_path1(self.norm1(h))
+        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index)
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
+class MergingVisionTransformer:
+    """Runs the blocks with one :class:`MergeState` and pools merged tokens by size."""
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        return self._merged_features(x, attn_mask, is_causal)[0]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x, state = self._merged_features(x, attn_mask, is_causal)
+        if self._pools_by_average() and state.sizes is not None:
+            return self._size_weighted_head(x, state.sizes)
+        return self.forward_head(x)
+
+    def _merged_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None,
+                         is_causal: bool) -> tuple[torch.Tensor, MergeState]:
+        if attn_mask is not None or is_causal:
+            raise ValueError("token merging changes the sequence, so attn_mask and is_causal "
+                             "cannot be used on a patched model; call pitome.unpatch first")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        state = MergeState(getattr(self, CONFIG_ATTR), x, self.num_prefix_tokens, len(self.blocks))
+        tokens_in = x.shape[1]
+        for index, block in enumerate(self.blocks):
+            x = block(x, merge_state=state, block_index=index)
+        record_info(self, state.info(tokens_in))
+        return self.norm(x), state
+
+    def _pools_by_average(self) -> bool:
+        return getattr(self, "attn_pool", None) is None and self.global_pool in ("avg", "avgmax")
+
+    def _size_weighted_head(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "pool_include_prefix", False):
+            x, sizes = x[:, self.num_prefix_tokens:], sizes[:, self.num_prefix_tokens:]
+        pooled = ((x.float() * sizes).sum(dim=1) / sizes.sum(dim=1)).to(x.dtype)
+        if self.global_pool == "avgmax":
+            pooled = 0.5 * (pooled + x.amax(dim=1))
+        return self.head(self.head_drop(self.fc_norm(pooled)))
+
+
+class TimmVisionTransformerAdapter:
+    name = "timm"
+    supported = "timm VisionTransformer / VisionTransformerDistilled (ViT, DeiT, DeiT-III, MAE, " \
+                "CLIP-style, register tokens) with Block or ResPostBlock blocks"
+    default_margin = LinearMargin(0.75, 0.75)
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(class_names(model) & set(MODEL_CLASSES)) and hasattr(model, "blocks")
+
+    def check(self, model: nn.Module) -> None:
+        for index, block in enumerate(model.blocks):
+            names = class_names(block)
+            if not names & set(BLOCK_CLASSES):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} whose block {index} is a {type(block).__name__} "
+                    "(merging needs attention and MLP in sequence)",
+                    (self.supported,))
+            if ATTENTION_CLASS not in class_names(block.attn):
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} whose block {index} uses {type(block.attn).__name__}",
+                    (self.supported,))
+
+    def patch(self, model: nn.Module, config: MergeConfig) -> None:
+        self.check(model)
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is not None and not getattr(model, "dynamic_img_size", False):
+            tokens = patch_embed.num_patches + model.num_prefix_tokens
+            config.schedule.plan(tokens, model.num_prefix_tokens, len(model.blocks))
+        for block in model.blocks:
+            mixin = MergingBlock if "Block" in class_names(block) else MergingResPostBlock
+            swap_class(block, mixin)
+        swap_class(model, MergingVisionTransformer)
+        object.__setattr__(model, CONFIG_ATTR, config)
+
+    def unpatch(self, model: nn.Module) -> None:
+        for block in model.blocks:
+            restore_class(block)
+        restore_class(model)
+        for attr in (CONFIG_ATTR, INFO_ATTR):
+            model.__dict__.pop(attr, None)

@@ -1,0 +1,27 @@
+"""Registered merging methods. Importing this module fills the registry."""
+
+from __future__ import annotations
+
+import math
+
+from ..core.registry import register
+from .pitome import Hybrid, PiToMe, authors_deit, authors_mae
+from .tome import ToMe
+
+register("pitome_paper", PiToMe, "PiToMe as the paper states it: energy-protected, all of set A "
+         "merges, every block (SPEC §3-4)", defaults={"prop_attn": False}, pool=1.0)
+register("pitome_deit", authors_deit, "the PiToMe authors' DeiT setting: BSM-PiToMe in the first "
+         "half of the blocks, PiToMe after (SPEC §5)", defaults={"prop_attn": False})
+register("pitome_mae", authors_mae, "the PiToMe authors' MAE setting: PiToMe in the first half of "
+         "the blocks, BSM-PiToMe after (SPEC §5)", defaults={"prop_attn": False})
+register("bsm_pitome", PiToMe, "the authors' BSM-PiToMe: energy-ordered A/B split over all tokens, "
+         "ToMe's top-r edges, nothing protected", defaults={"prop_attn": False}, pool=math.inf)
+register("pitome_text", PiToMe, "PiToMe for text: Gaussian energy, contiguous A/B split "
+         "(the reference text code)", defaults={"prop_attn": False}, energy="gaussian",
+         split="contiguous")
+register("tome", ToMe, "ToMe: bipartite soft matching, A/B by position over non-prefix tokens, "
+         "proportional attention", defaults={"prop_attn": True})
+register("tome_authors", ToMe, "ToMe as the PiToMe authors ran it: r counted over all tokens and "
+         "CLS in set A", defaults={"prop_attn": True, "count_prefix": True}, prefix_parity=True)
+
+__all__ = ["Hybrid", "PiToMe", "ToMe"]

@@ -1,0 +1,84 @@
+"""PiToMe: energy-score token merging that protects isolated tokens (Tran et al., NeurIPS 2024)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from ..core.energy import EnergyKind, cosine_similarity, energy_score, unit_rows
+from ..core.matching import match_top_edges
+from ..core.plan import MergePlan
+from ..core.registry import Algorithm, MergeContext
+
+
+class PiToMe:
+    """Spectrum-preserving token merging, Tran et al. 2024, Eq. (4)-(6) and Alg. 1.
+
+    1. Energy ``E_i`` of every non-prefix token from its cosine row (SPEC §3).
+    2. Tokens sorted by energy; the top ``pool·2r`` form the mergeable pool, the rest are
+       protected and pass unchanged.
+    3. The pool splits into A and B, alternating over the energy order (``split="alternate"``,
+       vision) or as its first and second half (``"contiguous"``, the text reference code).
+    4. Each A token proposes its most similar B token; the ``r`` best proposals merge.
+
+    ``pool=1`` is the paper's algorithm (A has exactly ``r`` tokens, all merge); ``pool=inf``
+    is the authors' "BSM-PiToMe" (no protected set, ToMe's top-``r`` edge selection over an
+    energy-ordered split).
+
+    Args:
+        energy: ``"elu"`` (vision) or ``"gaussian"`` (text), see :func:`energy_score`.
+        split: ``"alternate"`` or ``"contiguous"``.
+        pool: size of the mergeable pool in units of ``2r`` (≥ 1, ``math.inf`` for all tokens).
+        alpha: the ELU's α.
+    """
+
+    def __init__(self, energy: EnergyKind = "elu",
+                 split: Literal["alternate", "contiguous"] = "alternate",
+                 pool: float = 1.0, alpha: float = 1.0) -> None:
+        if split not in ("alternate", "contiguous"):
+            raise ValueError(f"split must be 'alternate' or 'contiguous', got {split!r}")
+        if not pool >= 1.0:
+            raise ValueError(f"pool must be at least 1 (the paper's 2r tokens), got {pool}")
+        self.energy, self.split, self.pool, self.alpha = energy, split, pool, alpha
+
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
+        unit = unit_rows(metric[:, ctx.num_prefix:])
+        energy = energy_score(cosine_similarity(unit), ctx.margin, self.energy, self.alpha)
+        if ctx.padding is not None:
+            # Padding ranks last: it is protected before any real token is.
+            energy = energy.masked_fill(~ctx.padding[:, ctx.num_prefix:], float("-inf"))
+        order = energy.argsort(dim=-1, descending=True)
+        tokens = order.shape[1]
+        pooled = tokens if math.isinf(self.pool) else min(tokens, int(round(2 * ctx.r * self.pool)))
+        candidates, protected = order[:, :pooled], order[:, pooled:]
+        if self.split == "alternate":
+            a_idx, b_idx = candidates[:, 0::2], candidates[:, 1::2]
+        else:
+            half = pooled // 2
+            a_idx, b_idx = candidates[:, :half], candidates[:, half:]
+        return match_top_edges(unit, a_idx, b_idx, ctx.r, ctx.num_prefix,
+                               protected=protected if pooled < tokens else None,
+                               padding=ctx.padding)
+
+
+class Hybrid:
+    """One algorithm in the first blocks, another after ``switch·L`` (the authors' schedules)."""
+
+    def __init__(self, early: Algorithm, late: Algorithm, switch: float = 0.5) -> None:
+        self.early, self.late, self.switch = early, late, switch
+
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
+        chosen = self.early if ctx.block < self.switch * ctx.num_blocks else self.late
+        return chosen(metric, ctx)
+
+
+def authors_deit(energy: EnergyKind = "elu") -> Hybrid:
+    """The authors' DeiT patch: BSM-PiToMe in the first half of the blocks, PiToMe after."""
+    return Hybrid(PiToMe(energy, pool=math.inf), PiToMe(energy, pool=1.0))
+
+
+def authors_mae(energy: EnergyKind = "elu") -> Hybrid:
+    """The authors' MAE patch: PiToMe in the first half of the blocks, BSM-PiToMe after."""
+    return Hybrid(PiToMe(energy, pool=1.0), PiToMe(energy, pool=math.inf))

@@ -1,0 +1,34 @@
+"""ToMe: bipartite soft matching by position (Bolya et al., ICLR 2023)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.energy import unit_rows
+from ..core.matching import match_top_edges
+from ..core.plan import MergePlan
+from ..core.registry import MergeContext
+
+
+class ToMe:
+    """Token Merging, Bolya et al. 2023, Eq. (bipartite soft matching, §3).
+
+    Non-prefix tokens alternate between sets A and B by position; each A token's most similar
+    B token (cosine of the metric) is its edge; the ``r`` strongest edges merge.
+
+    Args:
+        prefix_parity: alternate as if the prefix tokens were part of the sequence, so the
+            token after a single CLS starts in set B. This is the original ToMe code, where
+            CLS sits in set A with its edge disabled; the PiToMe authors' baseline uses it.
+    """
+
+    def __init__(self, prefix_parity: bool = False) -> None:
+        self.prefix_parity = prefix_parity
+
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
+        unit = unit_rows(metric[:, ctx.num_prefix:])
+        batch, tokens, _ = unit.shape
+        start = ctx.num_prefix % 2 if self.prefix_parity else 0
+        a_idx = torch.arange(start, tokens, 2, device=unit.device).expand(batch, -1)
+        b_idx = torch.arange(1 - start, tokens, 2, device=unit.device).expand(batch, -1)
+        return match_top_edges(unit, a_idx, b_idx, ctx.r, ctx.num_prefix, padding=ctx.padding)

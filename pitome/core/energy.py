@@ -1,0 +1,37 @@
+"""PiToMe's energy score: how deep inside a cluster of similar tokens each token sits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+EnergyKind = Literal["elu", "gaussian"]
+
+
+def unit_rows(metric: torch.Tensor) -> torch.Tensor:
+    """The rows of a ``B×T×d`` metric scaled to unit length, in float32."""
+    return F.normalize(metric.float(), dim=-1)
+
+
+def cosine_similarity(unit: torch.Tensor) -> torch.Tensor:
+    """``B×T×T`` cosine similarities of unit rows (see :func:`unit_rows`)."""
+    return unit @ unit.transpose(-1, -2)
+
+
+def energy_score(similarity: torch.Tensor, margin: float, kind: EnergyKind = "elu",
+                 alpha: float = 1.0) -> torch.Tensor:
+    """Energy of each token from its ``B×T×T`` similarity row (diagonal included).
+
+    ``elu`` (vision, SPEC §3): ``E_i = 1/T Σ_j ELU_α(S_ij − m)``: neighbours above the margin add
+    their excess similarity, the others a bounded negative. ``gaussian`` (text, the reference
+    code): ``E_i = 1/T Σ_j exp(−½((1 − S_ij)/σ)²)`` with ``σ = 1 − m``. High energy means a
+    token sits in a large cluster and is safe to merge.
+    """
+    if kind == "elu":
+        return F.elu(similarity - margin, alpha=alpha).mean(dim=-1)
+    if kind == "gaussian":
+        sigma = max(1.0 - margin, 1e-3)
+        return torch.exp(-0.5 * ((1.0 - similarity) / sigma) ** 2).mean(dim=-1)
+    raise ValueError(f"unknown energy kind {kind!r}; use 'elu' or 'gaussian'")

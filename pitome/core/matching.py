@@ -1,0 +1,48 @@
+"""Bipartite matching shared by ToMe-style algorithms."""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import MergePlan, assemble
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (``B×n``) of a ``B×T×d`` tensor."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,
+                         a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+    """Set the score of every real/padding pair to −inf so padding never merges into text."""
+    if padding is None:
+        return scores
+    real_a = padding.gather(1, a_idx).unsqueeze(-1)
+    real_b = padding.gather(1, b_idx).unsqueeze(-2)
+    return scores.masked_fill(real_a != real_b, float("-inf"))
+
+
+def match_top_edges(unit: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int,
+                    num_prefix: int, protected: torch.Tensor | None = None,
+                    padding: torch.Tensor | None = None) -> MergePlan:
+    """Bipartite soft matching (ToMe, Bolya et al. 2023, §3).
+
+    Every token of set A proposes its most similar token of set B; the ``r`` proposals with
+    the highest similarity merge, the other A tokens stay. ``unit`` holds L2-normalised
+    metrics of the non-prefix tokens; indices are relative to them. ``protected`` tokens
+    take part in nothing and pass unchanged. When ``|A| = r`` every A token merges, which is
+    PiToMe's rule (SPEC §4 step 3).
+    """
+    scores = gather_tokens(unit, a_idx) @ gather_tokens(unit, b_idx).transpose(-1, -2)
+    if padding is not None:
+        scores = forbid_padding_pairs(scores, padding[:, num_prefix:], a_idx, b_idx)
+    best_score, best_b = scores.max(dim=-1)
+    if r == a_idx.shape[1]:
+        src_pos = torch.arange(r, device=a_idx.device).expand(a_idx.shape[0], r)
+        stay = a_idx[:, :0]
+    else:
+        order = best_score.argsort(dim=-1, descending=True)
+        src_pos, stay = order[:, :r], a_idx.gather(1, order[:, r:])
+    kept = stay if protected is None else torch.cat([protected, stay], dim=1)
+    return assemble(num_prefix, kept=kept, destinations=b_idx, src=a_idx.gather(1, src_pos),
+                    dst_in_destinations=best_b.gather(1, src_pos))

@@ -1,0 +1,94 @@
+"""The algorithm registry: every merging method behind one call shape.
+
+An algorithm is a callable ``(metric, ctx) -> MergePlan``: it sees tensors and a
+:class:`MergeContext`, never a model. A registered *method* pairs an algorithm factory with
+the defaults that belong to it (proportional attention, ratio convention), so
+``algo="tome"`` and ``algo="pitome"`` differ by one string.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .plan import MergePlan
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What an algorithm may know about the block it plans for.
+
+    Attributes:
+        r: tokens to remove in this block (0 < 2r ≤ mergeable tokens).
+        num_prefix: leading tokens (CLS, distillation, registers) that never merge.
+        block: index of the block; ``num_blocks`` the model's depth.
+        margin: the energy margin for this block (SPEC §3); algorithms without one ignore it.
+        sizes: ``B×T×1`` tokens represented by each token, or None while all are 1.
+        padding: ``B×T`` bool, True for real tokens, or None when nothing is padded.
+    """
+
+    r: int
+    num_prefix: int
+    block: int
+    num_blocks: int
+    margin: float
+    sizes: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+
+
+class Algorithm(Protocol):
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named, registered merging method."""
+
+    name: str
+    factory: Callable[..., Algorithm]
+    summary: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **options: Any) -> Algorithm:
+        merged = {**self.options, **options}
+        accepted = inspect.signature(self.factory).parameters
+        unknown = sorted(set(merged) - set(accepted))
+        if unknown:
+            raise TypeError(f"algorithm {self.name!r} does not take option(s) {unknown}; "
+                            f"it takes {sorted(accepted)}")
+        return self.factory(**merged)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(name: str, factory: Callable[..., Algorithm], summary: str,
+             defaults: dict[str, Any] | None = None, **options: Any) -> Method:
+    """Register ``factory`` under ``name``.
+
+    ``defaults`` are patch-level defaults (``prop_attn``, ``count_prefix``); ``options`` are
+    fixed keyword arguments of the factory (how presets of one algorithm are made).
+    """
+    key = name.lower()
+    if key in _METHODS:
+        raise ValueError(f"an algorithm named {name!r} is already registered")
+    method = Method(key, factory, summary, dict(defaults or {}), options)
+    _METHODS[key] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    key = name.lower().replace("-", "_")
+    if key not in _METHODS:
+        raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(_METHODS))}")
+    return _METHODS[key]
+
+
+def available_algorithms() -> dict[str, str]:
+    """Registered algorithm names and their one-line summaries."""
+    return {name: method.summary for name, method in sorted(_METHODS.items())}
