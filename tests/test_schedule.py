@@ -34,7 +34,8 @@ def test_fixed_r_forms():
 
 
 def test_impossible_r_names_the_block():
-    with pytest.raises(ValueError, match="block 2 cannot merge r=40"):
+    # 196 mergeable tokens: 156, 116, 76 after blocks 0-2; block 3 would need 80 ≤ 76.
+    with pytest.raises(ValueError, match="block 3 cannot merge r=40"):
         TokenSchedule(r=40).plan(197, 1, 12)
     with pytest.raises(ValueError, match="non-negative"):
         TokenSchedule(r=-1).plan(197, 1, 12)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 from ..core.registry import register
-from .pitome import Hybrid, PiToMe, authors_deit, authors_mae
+from .pitome import Hybrid, PiToMe, authors_deit, authors_mae, tome_then_pitome
 from .tome import ToMe
 
+register("pitome", tome_then_pitome, "the default: ToMe matching in the first half of the blocks, "
+         "PiToMe after, proportional attention (chosen by measurement, docs/defaults.md)",
+         defaults={"prop_attn": True})
 register("pitome_paper", PiToMe, "PiToMe as the paper states it: energy-protected, all of set A "
          "merges, every block (SPEC §3-4)", defaults={"prop_attn": False}, pool=1.0)
 register("pitome_deit", authors_deit, "the PiToMe authors' DeiT setting: BSM-PiToMe in the first "

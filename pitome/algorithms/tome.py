@@ -32,3 +32,6 @@ class ToMe:
         a_idx = torch.arange(start, tokens, 2, device=unit.device).expand(batch, -1)
         b_idx = torch.arange(1 - start, tokens, 2, device=unit.device).expand(batch, -1)
         return match_top_edges(unit, a_idx, b_idx, ctx.r, ctx.num_prefix, padding=ctx.padding)
+
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+        return (mergeable // 2) * ((mergeable + 1) // 2)

@@ -21,17 +21,26 @@ def cosine_similarity(unit: torch.Tensor) -> torch.Tensor:
 
 
 def energy_score(similarity: torch.Tensor, margin: float, kind: EnergyKind = "elu",
-                 alpha: float = 1.0) -> torch.Tensor:
+                 alpha: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Energy of each token from its ``B×T×T`` similarity row (diagonal included).
 
     ``elu`` (vision, SPEC §3): ``E_i = 1/T Σ_j ELU_α(S_ij − m)``: neighbours above the margin add
     their excess similarity, the others a bounded negative. ``gaussian`` (text, the reference
     code): ``E_i = 1/T Σ_j exp(−½((1 − S_ij)/σ)²)`` with ``σ = 1 − m``. High energy means a
     token sits in a large cluster and is safe to merge.
+
+    ``weights`` (``B×T``, e.g. token sizes) turn the mean over neighbours into a weighted
+    mean, so a merged token counts once per input token it holds: the energy of the original
+    token graph rather than of the coarsened one.
     """
     if kind == "elu":
-        return F.elu(similarity - margin, alpha=alpha).mean(dim=-1)
-    if kind == "gaussian":
+        terms = F.elu(similarity - margin, alpha=alpha)
+    elif kind == "gaussian":
         sigma = max(1.0 - margin, 1e-3)
-        return torch.exp(-0.5 * ((1.0 - similarity) / sigma) ** 2).mean(dim=-1)
-    raise ValueError(f"unknown energy kind {kind!r}; use 'elu' or 'gaussian'")
+        terms = torch.exp(-0.5 * ((1.0 - similarity) / sigma) ** 2)
+    else:
+        raise ValueError(f"unknown energy kind {kind!r}; use 'elu' or 'gaussian'")
+    if weights is None:
+        return terms.mean(dim=-1)
+    weights = weights.to(terms.dtype).unsqueeze(-2)
+    return (terms * weights).sum(dim=-1) / weights.sum(dim=-1)

@@ -86,7 +86,8 @@ class MergeState:
         if self.source is not None:
             self.source = plan.apply(self.source, "amax")
         if self.padding is not None:
-            self.padding = plan.apply(self.padding.unsqueeze(-1), "amax").squeeze(-1)
+            merged = plan.apply(self.padding.unsqueeze(-1).to(torch.uint8), "amax")
+            self.padding = merged.squeeze(-1).bool()
         if self.config.keep_plans:
             self.plans[block] = plan
         return x

@@ -1,0 +1,181 @@
+"""The timm adapter on every VisionTransformer variant it promises (random weights, offline)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY, build, images
+
+import pitome
+from pitome.core.schedule import TokenSchedule
+
+NUM_PATCHES = (TINY["img_size"] // TINY["patch_size"]) ** 2
+ALGOS = ["pitome", "tome"]
+
+
+def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_ratio_one_is_the_identity(variant):
+    model = build(variant)
+    x = images(2)
+    expected = outputs(model, x)
+    for algo in ALGOS:
+        pitome.patch(model, algo=algo, ratio=1.0, trace_source=True)
+        torch.testing.assert_close(outputs(model, x), expected, atol=1e-5, rtol=0)
+        assert pitome.merge_info(model).merges == [0] * TINY["depth"]
+
+
+def test_unpatch_restores_exactly_and_patching_twice_is_safe(variant):
+    model = build(variant)
+    x = images(2)
+    expected = outputs(model, x)
+    state = copy.deepcopy(model.state_dict())
+    pitome.patch(model, ratio=0.8)
+    merged_once = outputs(model, x)
+    pitome.patch(model, ratio=0.8)
+    torch.testing.assert_close(outputs(model, x), merged_once, atol=0, rtol=0)
+    assert not torch.allclose(merged_once, expected)
+    pitome.unpatch(model)
+    assert torch.equal(outputs(model, x), expected)
+    assert type(model) is type(build(variant))
+    assert all(type(b).__name__ in ("Block", "ResPostBlock") for b in model.blocks)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert pitome.merge_info(model) is None
+    pitome.unpatch(model)  # a no-op on an unpatched model
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_invariants_below_ratio_one(variant, algo, dtype, batch):
+    model = build(variant).to(dtype)
+    prefix = model.num_prefix_tokens
+    tokens = NUM_PATCHES + prefix
+    pitome.patch(model, algo=algo, ratio=0.8, trace_source=True, keep_plans=True)
+    logits = outputs(model, images(batch).to(dtype))
+    assert logits.shape == (batch, TINY["num_classes"]) and logits.dtype == dtype
+    assert torch.isfinite(logits.float()).all()
+
+    info = pitome.merge_info(model)
+    merges = TokenSchedule(ratio=0.8).plan(tokens, prefix, TINY["depth"])
+    assert info.merges == merges and all(r > 0 for r in merges)
+    expected_counts = [tokens]
+    for r in merges:
+        expected_counts.append(expected_counts[-1] - r)
+    assert info.token_counts == expected_counts
+
+    final = expected_counts[-1]
+    assert info.sizes.shape == (batch, final, 1)
+    assert torch.equal(info.sizes.sum(dim=1).flatten(), torch.full((batch,), float(tokens)))
+    assert info.source.shape == (batch, final, tokens)
+    # Every input token belongs to exactly one output token, and sizes count them.
+    assert torch.equal(info.source.sum(dim=1), torch.ones(batch, tokens))
+    assert torch.equal(info.source.sum(dim=2, keepdim=True), info.sizes)
+    # Prefix tokens stay first, unmerged.
+    assert torch.equal(info.source[:, :prefix, :prefix], torch.eye(prefix).expand(batch, -1, -1))
+    assert torch.equal(info.sizes[:, :prefix], torch.ones(batch, prefix, 1))
+    for plan in info.plans.values():
+        assert torch.equal(plan.keep[:, :prefix], torch.arange(prefix).expand(batch, -1))
+        assert (plan.src >= prefix).all()
+
+
+def test_bf16_autocast_matches_fp32_closely(variant):
+    model = build(variant)
+    pitome.patch(model, ratio=0.9)
+    x = images(2)
+    reference = outputs(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = outputs(model, x)
+    assert low.dtype == torch.bfloat16
+    assert torch.isfinite(low.float()).all()
+    assert (low.float() - reference).abs().max() < 0.25 * reference.abs().max() + 0.1
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_train_mode_gradients_reach_every_parameter(variant, algo):
+    model = build(variant).train()
+    pitome.patch(model, algo=algo, ratio=0.8, prop_attn=True)
+    model(images(2)).square().mean().backward()
+    missing = [name for name, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    # timm's distilled DeiT returns the average of both heads only in eval mode.
+    if variant == "deit_distilled":
+        missing = [n for n in missing if not n.startswith("head_dist")]
+    assert missing == []
+
+
+def test_size_weighted_average_pooling():
+    model = build("avgpool_no_cls")
+    pitome.patch(model, ratio=0.7, trace_source=True)
+    x = images(2)
+    logits = outputs(model, x)
+    features = model.forward_features(x)
+    sizes = pitome.merge_info(model).sizes
+    pooled = (features * sizes).sum(1) / sizes.sum(1)
+    expected = model.head(model.fc_norm(pooled))
+    torch.testing.assert_close(logits, expected)
+    unweighted = model.head(model.fc_norm(features.mean(1)))
+    assert not torch.allclose(logits, unweighted)
+
+
+def test_proportional_attention_changes_the_output_only_after_a_merge():
+    model = build("vit")
+    x = images(2)
+    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=False)
+    without = outputs(model, x)
+    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=True)
+    assert not torch.allclose(outputs(model, x), without)
+    pitome.patch(model, algo="tome", ratio=1.0, prop_attn=True)
+    pitome.unpatch(model)
+
+
+def test_non_fused_attention_path_agrees_with_fused():
+    model = build("vit")
+    x = images(2)
+    pitome.patch(model, algo="pitome", ratio=0.8, prop_attn=True)
+    fused = outputs(model, x)
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    torch.testing.assert_close(outputs(model, x), fused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_torch_compile_fullgraph(algo):
+    model = build("deit_distilled")
+    pitome.patch(model, algo=algo, ratio=0.8, prop_attn=True)
+    x = images(2)
+    eager = outputs(model, x)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_r_schedule_and_merge_blocks():
+    model = build("vit")
+    pitome.patch(model, algo="tome", r=5, merge_blocks=[1, 3])
+    outputs(model, images(1))
+    assert pitome.merge_info(model).merges == [0, 5, 0, 5]
+    pitome.patch(model, algo="pitome", r=[4, 3, 2, 1])
+    outputs(model, images(1))
+    assert pitome.merge_info(model).token_counts == [65, 61, 58, 56, 55]
+
+
+def test_metric_hidden_merges_differently():
+    model = build("vit")
+    x = images(2)
+    pitome.patch(model, algo="tome", ratio=0.7, metric="hidden")
+    hidden = outputs(model, x)
+    pitome.patch(model, algo="tome", ratio=0.7, metric="keys")
+    assert not torch.allclose(outputs(model, x), hidden)
+
+
+def test_attention_mask_is_refused_on_a_patched_model():
+    model = build("vit")
+    pitome.patch(model, ratio=0.9)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.forward_features(images(1), attn_mask=torch.zeros(1, 1, 65, 65))
