@@ -102,6 +102,11 @@ def score(logits: torch.Tensor, labels: torch.Tensor,
     if reference is None:
         return ClassificationScore(top1, top5_acc)
     agreement = 100.0 * (reference.argmax(-1) == top5[:, 0]).float().mean().item()
-    kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                  reduction="batchmean").item()
+    kl = kl_per_image(logits, reference).mean().item()
     return ClassificationScore(top1, top5_acc, agreement, kl)
+
+
+def kl_per_image(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(reference) ‖ softmax(logits))`` of every row, in nats."""
+    return F.kl_div(logits.float().log_softmax(-1), reference.float().log_softmax(-1),
+                    log_target=True, reduction="none").sum(-1)

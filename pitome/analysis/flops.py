@@ -1,0 +1,78 @@
+"""Analytic multiply-accumulate counts of a ViT under a token schedule (SPEC §7).
+
+timm and fvcore report multiply-accumulates as "FLOPs"; so do we. Per block with ``N``
+tokens in, ``N′`` out, width ``C`` and MLP hidden width ``H``: attention ``4NC² + 2N²C``
+(q, k, v, output projections and the two ``N×N`` products), MLP ``2N′CH`` (``8N′C²`` at
+ratio 4). Patch embedding and head are added for totals. The merge itself is counted apart:
+its cost depends on the algorithm, not on the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VitShape:
+    """What the MAC count of a ViT depends on."""
+
+    width: int
+    mlp_hidden: int
+    num_blocks: int
+    patch_embed_macs_per_token: int
+    head_macs: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> VitShape:
+        """Read the shape of a timm ``VisionTransformer``."""
+        block = model.blocks[0]
+        conv = model.patch_embed.proj
+        patch_macs = conv.in_channels * conv.out_channels
+        for size in conv.kernel_size:
+            patch_macs *= size
+        head = model.head
+        head_macs = head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
+        return cls(width=model.embed_dim, mlp_hidden=block.mlp.fc1.out_features,
+                   num_blocks=len(model.blocks), patch_embed_macs_per_token=patch_macs,
+                   head_macs=head_macs)
+
+
+def block_macs(tokens_in: int, tokens_out: int, width: int, mlp_hidden: int) -> int:
+    """MACs of one transformer block that merges between attention and MLP."""
+    attention = 4 * tokens_in * width ** 2 + 2 * tokens_in ** 2 * width
+    return attention + 2 * tokens_out * width * mlp_hidden
+
+
+def vit_macs(shape: VitShape, token_counts: Sequence[int], num_patches: int) -> int:
+    """MACs of one image through a ViT whose blocks see ``token_counts`` (L + 1 entries)."""
+    if len(token_counts) != shape.num_blocks + 1:
+        raise ValueError(f"need {shape.num_blocks + 1} token counts (one per block and the "
+                         f"output), got {len(token_counts)}")
+    total = num_patches * shape.patch_embed_macs_per_token + shape.head_macs
+    for tokens_in, tokens_out in zip(token_counts[:-1], token_counts[1:]):
+        total += block_macs(tokens_in, tokens_out, shape.width, shape.mlp_hidden)
+    return total
+
+
+def similarity_macs(algorithm: object, token_counts: Sequence[int], num_prefix: int,
+                    metric_width: int) -> int:
+    """MACs of the merge planning itself: the cosine products each merging block computes.
+
+    Algorithms say how many token pairs they compare through ``similarity_pairs(mergeable,
+    block, num_blocks)``: PiToMe compares all ``T′`` mergeable tokens with each other
+    (``T′²``), ToMe set A with set B (``(T′/2)²``). Algorithms that do not say are counted
+    as comparing all pairs. Everything else in a merge is memory traffic, not arithmetic.
+    """
+    num_blocks = len(token_counts) - 1
+    count_pairs = getattr(algorithm, "similarity_pairs", None)
+    total = 0
+    for block, (tokens_in, tokens_out) in enumerate(zip(token_counts[:-1], token_counts[1:])):
+        if tokens_in == tokens_out:
+            continue
+        mergeable = tokens_in - num_prefix
+        pairs = mergeable ** 2 if count_pairs is None else count_pairs(mergeable, block, num_blocks)
+        total += pairs * metric_width
+    return total
