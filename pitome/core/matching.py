@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import MergePlan, assemble
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (``B×n``) of a ``B×T×d`` tensor."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+from .plan import MergePlan, assemble, gather_rows
 
 
 def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,
@@ -33,7 +28,7 @@ def match_top_edges(unit: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor
     take part in nothing and pass unchanged. When ``|A| = r`` every A token merges, which is
     PiToMe's rule (SPEC §4 step 3).
     """
-    scores = gather_tokens(unit, a_idx) @ gather_tokens(unit, b_idx).transpose(-1, -2)
+    scores = gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
     if padding is not None:
         scores = forbid_padding_pairs(scores, padding[:, num_prefix:], a_idx, b_idx)
     best_score, best_b = scores.max(dim=-1)
