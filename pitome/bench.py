@@ -13,8 +13,10 @@ from torch import nn
 from .adapters.base import CONFIG_ATTR
 from .analysis.flops import VitShape, similarity_macs, vit_macs
 from .api import merge_info, patch, unpatch
+from .core.schedule import TokenSchedule, token_counts
 
 BASELINE = "none"
+ORACLE = "oracle"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class BenchRow:
     merge_gflops: float
     images_per_s: float
     speedup: float
+    peak_memory_mib: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -59,63 +62,111 @@ def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
 
 def time_forward(run: Callable[[], object], device: torch.device, warmup: int,
                  repeats: int) -> float:
-    """Median seconds of one call of ``run`` after ``warmup`` calls."""
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Median seconds of one call of ``run`` after ``warmup`` calls (CUDA events on a GPU)."""
     for _ in range(warmup):
         run()
-    synchronize()
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        synchronize()
-        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - begin)
     return statistics.median(times)
+
+
+def oracle_forward(model: nn.Module, counts: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The token-slicing oracle: the model with the schedule ``counts`` and zero merge cost.
+
+    After each block's attention it keeps the first ``n`` tokens, a free slice, so it runs
+    the same shapes as a merged model without any merging work: the speed limit of the
+    schedule (SPEC §11). Its outputs are meaningless.
+    """
+    for index, block in enumerate(model.blocks):
+        if type(block).__name__ != "Block":
+            raise ValueError(f"the oracle supports pre-norm timm Blocks; block {index} is a "
+                             f"{type(block).__name__}")
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for block, keep in zip(model.blocks, counts[1:]):
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            x = x[:, :keep]
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return model.forward_head(model.norm(x))
+
+    return forward
+
+
+def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory allocated during one call of ``run`` (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
 def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
               device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 5,
               progress: Callable[[str], None] | None = None) -> list[BenchRow]:
-    """Measure every algorithm in ``algos`` (``"none"`` is the unmerged model) on ``model``.
+    """Measure every algorithm in ``algos`` on ``model``.
 
-    The model is moved to ``device`` and ``dtype``; inputs are random images of the model's
-    own input size (throughput does not depend on pixel values, only on shapes).
+    ``"none"`` is the unmerged model and ``"oracle"`` the token-slicing oracle (see
+    :func:`oracle_forward`); speedups are relative to the first of ``algos``. The model is
+    moved to ``device`` and ``dtype``; inputs are random images of the model's own input size
+    (throughput depends on shapes, not on pixel values).
     """
     model = model.to(device=device, dtype=dtype).eval()
-    image_size = model.patch_embed.img_size
     generator = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(batch, 3, *image_size, generator=generator).to(device, dtype)
+    images = torch.randn(batch, 3, *model.patch_embed.img_size, generator=generator)
+    images = images.to(device, dtype)
     shape = VitShape.of(model)
     num_patches = model.patch_embed.num_patches
-    metric_width = model.blocks[0].attn.head_dim
+    unmerged = [num_patches + model.num_prefix_tokens] * (shape.num_blocks + 1)
+    schedule = TokenSchedule(ratio=ratio).plan(unmerged[0], model.num_prefix_tokens,
+                                               shape.num_blocks)
 
     rows: list[BenchRow] = []
-    baseline_seconds = None
     for algo in algos:
         if progress is not None:
             progress(algo)
+        unpatch(model)
+        merge_macs = 0
         if algo == BASELINE:
-            unpatch(model)
-            counts = [num_patches + model.num_prefix_tokens] * (shape.num_blocks + 1)
+            counts, forward = unmerged, model
+        elif algo == ORACLE:
+            counts = token_counts(unmerged[0], schedule)
+            forward = oracle_forward(model, counts)
         else:
             patch(model, algo=algo, ratio=ratio)
             with torch.inference_mode():
                 model(images[:1])
-            counts = merge_info(model).token_counts
+            counts, forward = merge_info(model).token_counts, model
+            merge_macs = similarity_macs(model.__dict__[CONFIG_ATTR].algorithm, counts,
+                                         model.num_prefix_tokens, model.blocks[0].attn.head_dim)
 
-        def forward() -> None:
+        def run() -> None:
             with torch.inference_mode():
-                model(images)
+                forward(images)
 
-        seconds = time_forward(forward, device, warmup, repeats)
-        if algo == BASELINE or baseline_seconds is None:
-            baseline_seconds = baseline_seconds or seconds
-        merge = 0 if algo == BASELINE else similarity_macs(
-            model.__dict__[CONFIG_ATTR].algorithm, counts, model.num_prefix_tokens, metric_width)
+        seconds = time_forward(run, device, warmup, repeats)
+        reference = rows[0].images_per_s if rows else batch / seconds
         rows.append(BenchRow(
             algo=algo, ratio=1.0 if algo == BASELINE else ratio, tokens_out=counts[-1],
-            gflops=vit_macs(shape, counts, num_patches) / 1e9, merge_gflops=merge / 1e9,
-            images_per_s=batch / seconds, speedup=baseline_seconds / seconds))
+            gflops=vit_macs(shape, counts, num_patches) / 1e9, merge_gflops=merge_macs / 1e9,
+            images_per_s=batch / seconds, speedup=batch / seconds / reference,
+            peak_memory_mib=peak_memory_mib(run, device)))
     unpatch(model)
     return rows
 
@@ -126,6 +177,10 @@ def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
     lines = [[row.algo, f"{row.ratio:g}", str(row.tokens_out), f"{row.gflops:.2f}",
               f"{row.merge_gflops:.3f}", f"{row.images_per_s:.1f}", f"{row.speedup:.2f}x"]
              for row in rows]
+    if all(row.peak_memory_mib is not None for row in rows):
+        header += ("peak MiB",)
+        for line, row in zip(lines, rows):
+            line.append(f"{row.peak_memory_mib:.0f}")
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
 
     def render(cells: Sequence[str]) -> str:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model precision (default: bf16 on CUDA, fp32 on CPU)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed forwards per method")
     bench.add_argument("--repeats", type=int, default=5, help="timed forwards per method (median)")
+    bench.add_argument("--oracle", action="store_true",
+                       help="add the token-slicing oracle: the same schedule with zero merge "
+                            "cost, the speed limit of merging")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     commands.add_parser("algorithms", help="list the registered merging algorithms")
@@ -58,7 +61,9 @@ def run_bench(args: argparse.Namespace) -> int:
     dtype = pick_dtype(args.dtype, device)
     batch = args.batch or (256 if device.type == "cuda" else 8)
     algos = [name.strip() for name in args.algos.split(",") if name.strip()]
-    known = set(available_algorithms()) | {"none"}
+    if args.oracle and "oracle" not in algos:
+        algos.insert(1 if algos[:1] == ["none"] else 0, "oracle")
+    known = set(available_algorithms()) | {"none", "oracle"}
     unknown = [name for name in algos if name.replace("-", "_").lower() not in known]
     if unknown:
         raise SystemExit(f"pitome bench: unknown algorithm(s) {unknown}; "

@@ -31,7 +31,9 @@ class ToMe:
         start = ctx.num_prefix % 2 if self.prefix_parity else 0
         a_idx = torch.arange(start, tokens, 2, device=unit.device).expand(batch, -1)
         b_idx = torch.arange(1 - start, tokens, 2, device=unit.device).expand(batch, -1)
-        return match_top_edges(unit, a_idx, b_idx, ctx.r, ctx.num_prefix, padding=ctx.padding)
+        scores = unit[:, start::2] @ unit[:, 1 - start::2].transpose(-1, -2)
+        return match_top_edges(unit, a_idx, b_idx, ctx.r, ctx.num_prefix, padding=ctx.padding,
+                               scores=scores)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
         return (mergeable // 2) * ((mergeable + 1) // 2)

@@ -19,25 +19,27 @@ def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,
 
 def match_top_edges(unit: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int,
                     num_prefix: int, protected: torch.Tensor | None = None,
-                    padding: torch.Tensor | None = None) -> MergePlan:
+                    padding: torch.Tensor | None = None,
+                    scores: torch.Tensor | None = None) -> MergePlan:
     """Bipartite soft matching (ToMe, Bolya et al. 2023, §3).
 
     Every token of set A proposes its most similar token of set B; the ``r`` proposals with
     the highest similarity merge, the other A tokens stay. ``unit`` holds L2-normalised
     metrics of the non-prefix tokens; indices are relative to them. ``protected`` tokens
     take part in nothing and pass unchanged. When ``|A| = r`` every A token merges, which is
-    PiToMe's rule (SPEC §4 step 3).
+    PiToMe's rule (SPEC §4 step 3). ``scores`` (``B×|A|×|B|``), when the caller already
+    has them, replace the cosine products of ``unit``.
     """
-    scores = gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
+    if scores is None:
+        scores = gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
     if padding is not None:
         scores = forbid_padding_pairs(scores, padding[:, num_prefix:], a_idx, b_idx)
     best_score, best_b = scores.max(dim=-1)
     if r == a_idx.shape[1]:
-        src_pos = torch.arange(r, device=a_idx.device).expand(a_idx.shape[0], r)
-        stay = a_idx[:, :0]
+        src, dst, stay = a_idx, best_b, a_idx[:, :0]
     else:
         order = best_score.argsort(dim=-1, descending=True)
         src_pos, stay = order[:, :r], a_idx.gather(1, order[:, r:])
+        src, dst = a_idx.gather(1, src_pos), best_b.gather(1, src_pos)
     kept = stay if protected is None else torch.cat([protected, stay], dim=1)
-    return assemble(num_prefix, kept=kept, destinations=b_idx, src=a_idx.gather(1, src_pos),
-                    dst_in_destinations=best_b.gather(1, src_pos))
+    return assemble(num_prefix, kept=kept, destinations=b_idx, src=src, dst_in_destinations=dst)

@@ -1,0 +1,94 @@
+"""Throughput of merging against the unmerged model and the token-slicing oracle (issue #7 grid).
+
+Every configuration runs in one process, so all ratios in the table come from one run:
+unpatched model, oracle (same schedule, zero merge cost), and each algorithm; median of
+``--repeats`` timed forwards after warm-up (CUDA events on a GPU), peak memory per variant.
+
+    python benchmarks/throughput.py                     # the H100 grid, bf16
+    python benchmarks/throughput.py --quick             # small CPU grid for this machine
+    python benchmarks/throughput.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict
+
+import torch
+
+from pitome.bench import BASELINE, ORACLE, benchmark, pick_device, pick_dtype
+from pitome.models import create_timm_model
+
+GPU_GRID = [  # (model, batch, ratio)
+    ("vit_small_patch16_224", 256, 0.9),
+    ("vit_base_patch16_224", 256, 0.9),
+    ("vit_large_patch16_384", 64, 0.9),
+    ("vit_base_patch16_224", 256, 0.95),
+    ("vit_small_patch16_224", 1, 0.9),
+    ("vit_base_patch16_224", 1, 0.9),
+    ("vit_large_patch16_384", 1, 0.9),
+]
+CPU_GRID = [
+    ("vit_small_patch16_224", 16, 0.9),
+    ("vit_base_patch16_224", 8, 0.9),
+    ("vit_small_patch16_224", 1, 0.9),
+]
+ALGOS = ("tome", "pitome", "pitome_paper")
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    import timm
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "timm": timm.__version__, "device": str(device), "cpu": platform.processor()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the small CPU grid")
+    parser.add_argument("--algos", nargs="+", default=list(ALGOS))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--json", help="write every row and the environment to this file")
+    args = parser.parse_args()
+
+    device = pick_device(None)
+    dtype = pick_dtype(None, device)
+    grid = CPU_GRID if args.quick or device.type != "cuda" else GPU_GRID
+    env = environment(device)
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+
+    results = []
+    print("| model | batch | ratio | algo | tokens out | img/s | vs unpatched | vs oracle | "
+          "peak MiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for name, batch, ratio in grid:
+        model = create_timm_model(name)
+        rows = benchmark(model, [BASELINE, ORACLE, *args.algos], ratio, batch, device, dtype,
+                         warmup=args.warmup, repeats=args.repeats,
+                         progress=lambda algo: print(f"  {name} b{batch}: {algo}",
+                                                     file=sys.stderr, flush=True))
+        oracle = rows[1].images_per_s
+        for row in rows:
+            memory = "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}"
+            print(f"| {name} | {batch} | {row.ratio:g} | {row.algo} | {row.tokens_out} | "
+                  f"{row.images_per_s:.1f} | {row.speedup:.2f}x | "
+                  f"{row.images_per_s / oracle:.2f} | {memory} |", flush=True)
+            results.append({"model": name, "batch": batch, **asdict(row),
+                            "of_oracle": row.images_per_s / oracle})
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"environment": env, "dtype": str(dtype), "rows": results}, handle,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
