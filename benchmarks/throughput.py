@@ -12,6 +12,7 @@ unpatched model, oracle (same schedule, zero merge cost), and each algorithm; me
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -55,6 +56,11 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=list(ALGOS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also measure every variant replayed as a CUDA graph")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure every variant under torch.compile (+ CUDA graph)")
+    parser.add_argument("--only", type=int, nargs="+", help="run only these rows of the grid")
     parser.add_argument("--json", help="write every row and the environment to this file")
     args = parser.parse_args()
 
@@ -65,21 +71,31 @@ def main() -> None:
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
     results = []
-    print("| model | batch | ratio | algo | tokens out | img/s | vs unpatched | vs oracle | "
-          "peak MiB |\n|---|---|---|---|---|---|---|---|---|", flush=True)
-    for name, batch, ratio in grid:
+    if args.only:
+        grid = [grid[i] for i in args.only]
+    modes = [("eager", False, False)]
+    if args.cuda_graph and device.type == "cuda":
+        modes.append(("CUDA graph", True, False))
+    if args.compile:
+        modes.append(("compile", False, True))
+        if device.type == "cuda":
+            modes.append(("compile + CUDA graph", True, True))
+    print("| model | batch | ratio | mode | algo | tokens out | img/s | vs unpatched | vs oracle "
+          "| peak MiB |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for (name, batch, ratio), (mode, graphed, compiled) in itertools.product(grid, modes):
         model = create_timm_model(name)
         rows = benchmark(model, [BASELINE, ORACLE, *args.algos], ratio, batch, device, dtype,
-                         warmup=args.warmup, repeats=args.repeats,
-                         progress=lambda algo: print(f"  {name} b{batch}: {algo}",
+                         warmup=args.warmup, repeats=args.repeats, cuda_graph=graphed,
+                         compile=compiled,
+                         progress=lambda algo: print(f"  {name} b{batch} {mode}: {algo}",
                                                      file=sys.stderr, flush=True))
         oracle = rows[1].images_per_s
         for row in rows:
             memory = "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}"
-            print(f"| {name} | {batch} | {row.ratio:g} | {row.algo} | {row.tokens_out} | "
-                  f"{row.images_per_s:.1f} | {row.speedup:.2f}x | "
+            print(f"| {name} | {batch} | {row.ratio:g} | {mode} | {row.algo} | {row.tokens_out} "
+                  f"| {row.images_per_s:.1f} | {row.speedup:.2f}x | "
                   f"{row.images_per_s / oracle:.2f} | {memory} |", flush=True)
-            results.append({"model": name, "batch": batch, **asdict(row),
+            results.append({"model": name, "batch": batch, "mode": mode, **asdict(row),
                             "of_oracle": row.images_per_s / oracle})
         del model
         if device.type == "cuda":

@@ -14,6 +14,7 @@ from .adapters.base import CONFIG_ATTR
 from .analysis.flops import VitShape, similarity_macs, vit_macs
 from .api import merge_info, patch, unpatch
 from .core.schedule import TokenSchedule, token_counts
+from .cuda_graph import CudaGraphForward
 
 BASELINE = "none"
 ORACLE = "oracle"
@@ -43,6 +44,7 @@ class BenchSetup:
     dtype: str
     batch: int
     weights: str
+    cuda_graph: bool = False
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -119,13 +121,16 @@ def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float | 
 
 def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
               device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 5,
-              progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+              progress: Callable[[str], None] | None = None,
+              cuda_graph: bool = False, compile: bool = False) -> list[BenchRow]:
     """Measure every algorithm in ``algos`` on ``model``.
 
     ``"none"`` is the unmerged model and ``"oracle"`` the token-slicing oracle (see
     :func:`oracle_forward`); speedups are relative to the first of ``algos``. The model is
     moved to ``device`` and ``dtype``; inputs are random images of the model's own input size
-    (throughput depends on shapes, not on pixel values).
+    (throughput depends on shapes, not on pixel values). ``cuda_graph`` replays every
+    variant, the unmerged model included, as a captured CUDA graph (no launch overhead);
+    ``compile`` runs every variant through ``torch.compile`` (both may be combined).
     """
     model = model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -155,6 +160,11 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
             counts, forward = merge_info(model).token_counts, model
             merge_macs = similarity_macs(model.__dict__[CONFIG_ATTR].algorithm, counts,
                                          model.num_prefix_tokens, model.blocks[0].attn.head_dim)
+
+        if compile:
+            forward = torch.compile(forward)
+        if cuda_graph:
+            forward = CudaGraphForward(forward, images)
 
         def run() -> None:
             with torch.inference_mode():
@@ -187,7 +197,8 @@ def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
         return "  ".join(cell.rjust(width) if i else cell.ljust(width)
                          for i, (cell, width) in enumerate(zip(cells, widths)))
 
+    graph = ", CUDA graphs" if setup.cuda_graph else ""
     title = (f"{setup.model} ({setup.weights}) on {setup.device}, {setup.dtype}, "
-             f"batch {setup.batch}; GFLOPs are multiply-accumulates per image")
+             f"batch {setup.batch}{graph}; GFLOPs are multiply-accumulates per image")
     rule = "-" * len(render(header))
     return "\n".join([title, render(header), rule, *map(render, lines)])

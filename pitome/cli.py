@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--oracle", action="store_true",
                        help="add the token-slicing oracle: the same schedule with zero merge "
                             "cost, the speed limit of merging")
+    bench.add_argument("--cuda-graph", action="store_true",
+                       help="replay every variant as a CUDA graph (removes launch overhead)")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     commands.add_parser("algorithms", help="list the registered merging algorithms")
@@ -70,15 +72,17 @@ def run_bench(args: argparse.Namespace) -> int:
                          f"available: none, {', '.join(sorted(available_algorithms()))}")
     if args.batch is not None and args.batch < 1:
         raise SystemExit("pitome bench: --batch must be at least 1")
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"pitome bench: --cuda-graph needs a CUDA device, not {device}")
 
     model = create_timm_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
     weights = args.checkpoint or ("pretrained" if args.pretrained else "random weights")
     setup = BenchSetup(model=args.model, device=str(device), dtype=str(dtype).split(".")[-1],
-                       batch=batch, weights=weights)
+                       batch=batch, weights=weights, cuda_graph=args.cuda_graph)
     progress = None if args.json else (
         lambda algo: print(f"timing {algo} ...", file=sys.stderr, flush=True))
     rows = benchmark(model, algos, args.ratio, batch, device, dtype, warmup=args.warmup,
-                     repeats=args.repeats, progress=progress)
+                     repeats=args.repeats, progress=progress, cuda_graph=args.cuda_graph)
     if args.json:
         print(json.dumps({"setup": setup.__dict__, "rows": [row.as_dict() for row in rows],
                           "torch": torch.__version__}, indent=2))

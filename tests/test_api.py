@@ -102,3 +102,10 @@ def test_margin_float_and_schedule_are_accepted():
         pitome.patch(model, algo="pitome_paper", ratio=0.8, margin=[0.9, 0.5, 0.2, 0.0])
         scheduled = model(x)
     assert not torch.allclose(fixed, scheduled)
+
+
+def test_cuda_graph_refuses_a_cpu_input():
+    from pitome.cuda_graph import CudaGraphForward
+
+    with pytest.raises(ValueError, match="CUDA input"):
+        CudaGraphForward(build("vit"), images(1))

@@ -1,0 +1,78 @@
+"""On a CUDA device: the GPU merges exactly what the CPU merges, and CUDA graphs replay it.
+
+Skipped without CUDA (CI here has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, images
+
+import pitome
+from pitome.cuda_graph import CudaGraphForward
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ALGOS = ["pitome", "tome", "pitome_paper"]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_gpu_plans_equal_cpu_plans(variant, algo):
+    cpu = build(variant)
+    gpu = build(variant).cuda()
+    x = images(4)
+    for model in (cpu, gpu):
+        pitome.patch(model, algo=algo, ratio=0.8, keep_plans=True, trace_source=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        expected = cpu(x)
+        actual = gpu(x.cuda())
+    torch.testing.assert_close(actual.cpu(), expected, atol=1e-4, rtol=1e-4)
+    cpu_plans, gpu_plans = pitome.merge_info(cpu).plans, pitome.merge_info(gpu).plans
+    for block, plan in cpu_plans.items():
+        assert torch.equal(gpu_plans[block].keep.cpu(), plan.keep), block
+        assert torch.equal(gpu_plans[block].src.cpu(), plan.src), block
+    assert torch.equal(pitome.merge_info(gpu).source.cpu(), pitome.merge_info(cpu).source)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_bf16_gpu_output_is_close_to_fp32(algo):
+    model = build("vit").cuda()
+    pitome.patch(model, algo=algo, ratio=0.8)
+    x = images(4).cuda()
+    with torch.no_grad():
+        reference = model(x)
+        low = model.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert (low - reference).norm() / reference.norm() < 5e-2
+
+
+def test_cuda_graph_replay_matches_eager():
+    model = build("deit_distilled").cuda()
+    pitome.patch(model, ratio=0.8, prop_attn=True)
+    x = images(4).cuda()
+    with torch.no_grad():
+        eager = model(x)
+    graphed = CudaGraphForward(model, x)
+    torch.testing.assert_close(graphed(x), eager)
+    other = images(4, seed=5).cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(other), model(other))
+    with pytest.raises(ValueError, match="captured for"):
+        graphed(images(2).cuda())
+
+
+def test_peak_memory_not_above_unpatched():
+    model = build("vit").cuda()
+    x = images(64).cuda()
+
+    def peak() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.inference_mode():
+            model(x)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    unpatched = peak()
+    pitome.patch(model, ratio=0.9)
+    assert peak() <= unpatched
