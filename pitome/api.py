@@ -56,8 +56,12 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
     if metric not in ("keys", "hidden"):
         raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
     adapter = find_adapter(model)
+    algorithm = method.build(**options)
+    if trace_source and not getattr(algorithm, "traceable", True):
+        raise ValueError(f"algorithm {method.name!r} mixes tokens instead of merging them, so "
+                         "it has no sources to trace; use trace_source=False")
     config = MergeConfig(
-        algo=method.name, algorithm=method.build(**options), schedule=schedule,
+        algo=method.name, algorithm=algorithm, schedule=schedule,
         margin=adapter.default_margin if margin is None else margin,
         prop_attn=method.defaults.get("prop_attn", False) if prop_attn is None else prop_attn,
         metric=metric, trace_source=trace_source, keep_plans=keep_plans)

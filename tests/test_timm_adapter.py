@@ -13,6 +13,9 @@ from pitome.core.schedule import TokenSchedule
 
 NUM_PATCHES = (TINY["img_size"] // TINY["patch_size"]) ** 2
 ALGOS = ["pitome", "tome"]
+BASELINES = ["pitome_paper", "pitome_deit", "tofu", "dct", "diffrate", "mctf", "crossget",
+             "random", "prune"]
+PRUNING = {"tofu", "prune"}  # some tokens are discarded: sources cover only part of the input
 
 
 def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -24,8 +27,8 @@ def test_ratio_one_is_the_identity(variant):
     model = build(variant)
     x = images(2)
     expected = outputs(model, x)
-    for algo in ALGOS:
-        pitome.patch(model, algo=algo, ratio=1.0, trace_source=True)
+    for algo in ALGOS + BASELINES:
+        pitome.patch(model, algo=algo, ratio=1.0, trace_source=algo != "dct")
         torch.testing.assert_close(outputs(model, x), expected, atol=1e-5, rtol=0)
         assert pitome.merge_info(model).merges == [0] * TINY["depth"]
 
@@ -150,6 +153,7 @@ def test_torch_compile_fullgraph(algo):
     pitome.patch(model, algo=algo, ratio=0.8, prop_attn=True)
     x = images(2)
     eager = outputs(model, x)
+    torch._dynamo.reset()  # each test compiles afresh instead of hitting the recompile limit
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
@@ -179,3 +183,54 @@ def test_attention_mask_is_refused_on_a_patched_model():
     pitome.patch(model, ratio=0.9)
     with pytest.raises(ValueError, match="attn_mask"):
         model.forward_features(images(1), attn_mask=torch.zeros(1, 1, 65, 65))
+
+
+@pytest.mark.parametrize("algo", BASELINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_baseline_invariants_below_ratio_one(variant, algo, dtype, batch):
+    model = build(variant).to(dtype)
+    prefix = model.num_prefix_tokens
+    tokens = NUM_PATCHES + prefix
+    traced = algo != "dct"
+    pitome.patch(model, algo=algo, ratio=0.8, trace_source=traced)
+    logits = outputs(model, images(batch).to(dtype))
+    assert logits.shape == (batch, TINY["num_classes"]) and torch.isfinite(logits.float()).all()
+    info = pitome.merge_info(model)
+    assert info.merges == TokenSchedule(ratio=0.8).plan(tokens, prefix, TINY["depth"])
+    final = info.token_counts[-1]
+    assert info.sizes.shape == (batch, final, 1)
+    total = info.sizes.sum(dim=1).flatten()
+    if algo in PRUNING:
+        assert (total < tokens).all()
+    else:
+        torch.testing.assert_close(total, torch.full((batch,), float(tokens)))
+    if traced:
+        covered = info.source.sum(dim=1)
+        assert covered.max() == 1  # no input token is in two output tokens
+        if algo not in PRUNING:
+            assert torch.equal(covered, torch.ones(batch, tokens))
+        assert torch.equal(info.source.sum(dim=2, keepdim=True), info.sizes)
+        assert torch.equal(info.source[:, :prefix, :prefix], torch.eye(prefix).expand(batch, -1, -1))
+
+
+@pytest.mark.parametrize("algo", BASELINES)
+def test_baselines_train_and_compile(algo):
+    model = build("vit").train()
+    pitome.patch(model, algo=algo, ratio=0.8)
+    model(images(2)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    x = images(2)
+    if algo == "random":
+        return  # random plans differ between the two calls by design
+    eager = outputs(model, x)
+    torch._dynamo.reset()  # each test compiles afresh instead of hitting the recompile limit
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
+
+
+def test_dct_refuses_source_tracing():
+    with pytest.raises(ValueError, match="no sources"):
+        pitome.patch(build("vit"), algo="dct", trace_source=True)

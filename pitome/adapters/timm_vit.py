@@ -23,9 +23,14 @@ BLOCK_CLASSES = ("Block", "ResPostBlock")
 ATTENTION_CLASS = "Attention"
 
 
-def attention_with_keys(attn: nn.Module, x: torch.Tensor,
-                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention`` on ``x`` with an additive key bias; returns output and head-mean keys."""
+def attention_with_keys(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                        state: MergeState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """timm ``Attention`` on ``x`` with an additive key bias.
+
+    Returns the output, the head-mean keys and, when the algorithm asks for it, the
+    attention each token receives from the first prefix token (one query row, so the fused
+    kernel still computes the full attention).
+    """
     batch, tokens, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     gate = getattr(attn, "gate", None)
@@ -33,6 +38,7 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor,
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    received = received_attention(q, k, attn.scale, bias, state) if state.needs_attention else None
     dropout = attn.attn_drop.p if attn.training else 0.0
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
@@ -47,7 +53,18 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor,
         out = norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1), received
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
+                       state: MergeState) -> torch.Tensor:
+    """``B×T`` attention from the CLS query (or the mean query without one), head-averaged."""
+    with torch.no_grad():
+        query = q[:, :, :1] if state.num_prefix > 0 else q.mean(dim=2, keepdim=True)
+        logits = (query.float() @ k.float().transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 def _metric(config: MergeConfig, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -62,9 +79,10 @@ class MergingBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        h, keys = attention_with_keys(self.attn, self.norm1(x), merge_state.attention_bias(x.dtype))
+        h, keys, received = attention_with_keys(
+            self.attn, self.norm1(x), merge_state.attention_bias(x.dtype), merge_state)
         x = x + self.drop_path1(self.ls1(h))
-        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index)
+        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index, received)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -76,9 +94,10 @@ class MergingResPostBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        h, keys = attention_with_keys(self.attn, x, merge_state.attention_bias(x.dtype))
+        h, keys, received = attention_with_keys(
+            self.attn, x, merge_state.attention_bias(x.dtype), merge_state)
         x = x + self.drop_path1(self.norm1(h))
-        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index)
+        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index, received)
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
 

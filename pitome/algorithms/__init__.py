@@ -6,6 +6,12 @@ import math
 
 from ..core.registry import register
 from .pitome import Hybrid, PiToMe, authors_deit, authors_mae, tome_then_pitome
+from .crossget import CrossGET
+from .dct import DCT
+from .diffrate import DiffRate
+from .floors import AttentionPruning, RandomMatching
+from .mctf import MCTF
+from .tofu import ToFu
 from .tome import ToMe
 
 register("pitome", tome_then_pitome, "the default: ToMe matching in the first half of the blocks, "
@@ -27,4 +33,22 @@ register("tome", ToMe, "ToMe: bipartite soft matching, A/B by position over non-
 register("tome_authors", ToMe, "ToMe as the PiToMe authors ran it: r counted over all tokens and "
          "CLS in set A", defaults={"prop_attn": True, "count_prefix": True}, prefix_parity=True)
 
-__all__ = ["Hybrid", "PiToMe", "ToMe"]
+register("tofu", ToFu, "ToFu (Kim et al. 2024): ToMe matching; prune in the first quarter of "
+         "the blocks, norm-preserving MLERP merging after", defaults={"prop_attn": True})
+register("dct", DCT, "DCT (Fourier Transformer, He et al. 2023): keep the lowest frequencies of "
+         "the token sequence; no sources", defaults={"prop_attn": False})
+register("diffrate", DiffRate, "DiffRate (Chen et al. 2023) with rates fixed from the ratio: the "
+         "least CLS-attended tokens merge into their most similar kept token",
+         defaults={"prop_attn": True})
+register("mctf", MCTF, "MCTF (Lee et al. 2024): bidirectional fusion weighted by similarity, "
+         "informativeness and size; attention-weighted pooling", defaults={"prop_attn": True})
+register("crossget", CrossGET, "CrossGET (Shi et al. 2024) complete-graph soft matching, vision "
+         "tower only: strongest matches merge into their best non-source token",
+         defaults={"prop_attn": True})
+register("random", RandomMatching, "floor: r random tokens merge into random partners",
+         defaults={"prop_attn": True})
+register("prune", AttentionPruning, "floor: drop the r tokens with the least CLS attention "
+         "(EViT without fusion)", defaults={"prop_attn": False})
+
+__all__ = ["DCT", "MCTF", "AttentionPruning", "CrossGET", "DiffRate", "Hybrid", "PiToMe",
+           "RandomMatching", "ToFu", "ToMe"]

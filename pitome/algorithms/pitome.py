@@ -80,6 +80,7 @@ class Hybrid:
 
     def __init__(self, early: Algorithm, late: Algorithm, switch: float = 0.5) -> None:
         self.early, self.late, self.switch = early, late, switch
+        self.needs_attention = any(getattr(part, "needs_attention", False) for part in (early, late))
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         return self._choose(ctx.block, ctx.num_blocks)(metric, ctx)

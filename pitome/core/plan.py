@@ -26,6 +26,10 @@ class MergePlan:
         src: ``B×R`` indices of the tokens that disappear by merging (``T = K + R``).
         dst: ``B×R`` output positions (into ``keep``) that each ``src`` token merges into.
         drop_src: when True the ``src`` tokens are discarded instead of merged (pruning).
+        weights: optional ``B×T×1`` pooling weights (e.g. attention received, MCTF): a group
+            averages with weights ``w·s`` instead of ``s``; sizes still add up as ``Σ s``.
+        max_norm: give each merged token the largest norm in its group (ToFu's MLERP)
+            instead of the norm of the average.
         keep_rows, src_rows, dst_rows: the same indices into the flattened ``B·T`` input and
             ``B·K`` output rows, computed once so that every tensor the plan is applied to
             costs one row-wise ``index_select`` (far cheaper on a GPU than ``gather`` with an
@@ -36,6 +40,8 @@ class MergePlan:
     src: torch.Tensor
     dst: torch.Tensor
     drop_src: bool = False
+    weights: torch.Tensor | None = None
+    max_norm: bool = False
     keep_rows: torch.Tensor = field(init=False, repr=False)
     src_rows: torch.Tensor = field(init=False, repr=False)
     dst_rows: torch.Tensor = field(init=False, repr=False)
@@ -84,16 +90,31 @@ class MergePlan:
         out = self.apply(x, "drop")
         if self.drop_src or self.src.shape[1] == 0:
             return out, new_sizes
-        batch, _, channels = x.shape
+        channels = x.shape[-1]
+        pool = sizes if self.weights is None else sizes * self.weights.float()
+        new_pool = new_sizes if self.weights is None else self.apply(pool, "sum")
         out_rows = out.view(-1, channels)
         moving = x.reshape(-1, channels).index_select(0, self.src_rows)
         target = out_rows.index_select(0, self.dst_rows)
-        weight = (sizes.reshape(-1, 1).index_select(0, self.src_rows)
-                  / new_sizes.view(-1, 1).index_select(0, self.dst_rows))
+        weight = (pool.reshape(-1, 1).index_select(0, self.src_rows)
+                  / new_pool.view(-1, 1).index_select(0, self.dst_rows))
         compute = torch.promote_types(x.dtype, torch.float32)
         correction = (moving.to(compute) - target.to(compute)) * weight
+        if self.max_norm:
+            merged = target.to(compute) + self._group_sum(correction, out_rows.shape[0])
+            group_norm = self.apply(x.to(compute).norm(dim=-1, keepdim=True), "amax")
+            scale = group_norm.view(-1, 1).index_select(0, self.dst_rows) \
+                / merged.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            correction = merged * scale - target.to(compute)
+            out_rows.index_copy_(0, self.dst_rows, (target.to(compute) + correction).to(x.dtype))
+            return out, new_sizes
         out_rows.index_add_(0, self.dst_rows, correction.to(x.dtype))
         return out, new_sizes
+
+    def _group_sum(self, values: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """For each source row, the sum of ``values`` over every source of its destination."""
+        totals = values.new_zeros(num_rows, values.shape[-1]).index_add_(0, self.dst_rows, values)
+        return totals.index_select(0, self.dst_rows)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -128,3 +149,11 @@ def assemble(
                       destinations + num_prefix], dim=1)
     dst = dst_in_destinations + (num_prefix + kept.shape[1])
     return MergePlan(keep=keep, src=src + num_prefix, dst=dst, drop_src=drop_src)
+
+
+def prune(num_prefix: int, kept: torch.Tensor, dropped: torch.Tensor) -> MergePlan:
+    """A plan that keeps ``kept`` and discards ``dropped`` (indices relative to non-prefix)."""
+    batch = kept.shape[0]
+    keep = torch.cat([prefix_indices(batch, num_prefix, kept.device), kept + num_prefix], dim=1)
+    return MergePlan(keep=keep, src=dropped + num_prefix, dst=torch.zeros_like(dropped),
+                     drop_src=True)

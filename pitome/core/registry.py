@@ -29,6 +29,9 @@ class MergeContext:
         margin: the energy margin for this block (SPEC §3); algorithms without one ignore it.
         sizes: ``B×T×1`` tokens represented by each token, or None while all are 1.
         padding: ``B×T`` bool, True for real tokens, or None when nothing is padded.
+        attention: ``B×T`` attention each token receives from the first prefix token (CLS),
+            averaged over heads, for algorithms with ``needs_attention = True``; models
+            without a prefix token use the mean query instead.
     """
 
     r: int
@@ -38,6 +41,7 @@ class MergeContext:
     margin: float
     sizes: torch.Tensor | None = None
     padding: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
 
 
 class Algorithm(Protocol):

@@ -68,7 +68,13 @@ class MergeState:
             return None
         return self.sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
-    def merge(self, x: torch.Tensor, metric: torch.Tensor, block: int) -> torch.Tensor:
+    @property
+    def needs_attention(self) -> bool:
+        """Whether this block's algorithm wants the attention received by each token."""
+        return getattr(self.config.algorithm, "needs_attention", False)
+
+    def merge(self, x: torch.Tensor, metric: torch.Tensor, block: int,
+              attention: torch.Tensor | None = None) -> torch.Tensor:
         """Merge the scheduled number of tokens of ``x`` (between attention and MLP)."""
         r = self.merges[block]
         if r == 0:
@@ -76,7 +82,8 @@ class MergeState:
         ctx = MergeContext(r=r, num_prefix=self.num_prefix, block=block,
                            num_blocks=self.num_blocks,
                            margin=resolve_margin(self.config.margin, block, self.num_blocks),
-                           sizes=self.sizes, padding=self.padding)
+                           sizes=self.sizes, padding=self.padding,
+                           attention=None if attention is None else attention.detach())
         with torch.no_grad():
             plan = self.config.algorithm(metric.detach(), ctx)
         sizes = self.sizes

@@ -1,0 +1,36 @@
+"""ToFu: Token Fusion, bridging token pruning and merging (Kim et al., WACV 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..core.plan import MergePlan
+from ..core.registry import MergeContext
+from .tome import ToMe
+
+
+class ToFu:
+    """ToMe's bipartite matching; prune in early blocks, merge by MLERP in later ones.
+
+    Early blocks (``block < prune_until·L``) drop the matched A tokens (pruning, where the
+    paper finds averaging harmful); later blocks fuse them with MLERP, the norm-preserving
+    average ``MLERP(x_1..x_n) = mean(x) · max‖x_i‖ / ‖mean(x)‖`` (Kim et al. 2024, Eq. 5),
+    so merged tokens do not shrink the way plain averages of dissimilar vectors do.
+    """
+
+    def __init__(self, prune_until: float = 0.25) -> None:
+        if not 0.0 <= prune_until <= 1.0:
+            raise ValueError(f"prune_until is a fraction of the blocks in [0, 1], got {prune_until}")
+        self.prune_until = prune_until
+        self.matching = ToMe()
+
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
+        plan = self.matching(metric, ctx)
+        if ctx.block < self.prune_until * ctx.num_blocks:
+            return replace(plan, drop_src=True)
+        return replace(plan, max_norm=True)
+
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+        return self.matching.similarity_pairs(mergeable, block, num_blocks)
