@@ -45,3 +45,26 @@ def test_wrong_number_of_counts():
     shape = VitShape.of(timm.create_model("vit_tiny_patch16_224"))
     with pytest.raises(ValueError, match="13 token counts"):
         vit_macs(shape, [197] * 12, 196)
+
+
+@pytest.mark.parametrize("name,algo", [
+    ("vit_small_patch16_224", None), ("vit_small_patch16_224", "tome"),
+    ("vit_small_patch16_224", "pitome"), ("vit_small_patch16_224", "mctf"),
+    ("vit_base_patch16_224", None), ("vit_base_patch16_224", "pitome"),
+    ("vit_large_patch16_224", None), ("vit_large_patch16_224", "pitome")])
+def test_analytic_flops_match_torch_flop_counter(name, algo):
+    import torch
+
+    import pitome
+    from pitome.analysis.flops import counted_flops, flops
+
+    model = timm.create_model(name).eval()
+    if algo is not None:
+        pitome.patch(model, algo=algo, ratio=0.9)
+    inputs = torch.randn(1, 3, 224, 224)
+    report = flops(model, inputs)
+    assert report.total_flops == pytest.approx(counted_flops(model, inputs), rel=0.02)
+    if algo is None:
+        assert report.merge_macs == 0 and report.blocks[-1].tokens_out == 197
+    else:
+        assert report.blocks[-1].tokens_out < 100 and report.merge_macs > 0

@@ -67,12 +67,101 @@ def similarity_macs(algorithm: object, token_counts: Sequence[int], num_prefix: 
     as comparing all pairs. Everything else in a merge is memory traffic, not arithmetic.
     """
     num_blocks = len(token_counts) - 1
+    return sum(merge_macs(algorithm, block, num_blocks, tokens_in - num_prefix, metric_width)
+               for block, (tokens_in, tokens_out) in enumerate(zip(token_counts[:-1],
+                                                                   token_counts[1:]))
+               if tokens_in != tokens_out)
+
+
+def merge_macs(algorithm: object, block: int, num_blocks: int, mergeable: int,
+               metric_width: int) -> int:
+    """Similarity MACs of one merging block (see :func:`similarity_macs`)."""
     count_pairs = getattr(algorithm, "similarity_pairs", None)
-    total = 0
-    for block, (tokens_in, tokens_out) in enumerate(zip(token_counts[:-1], token_counts[1:])):
-        if tokens_in == tokens_out:
-            continue
-        mergeable = tokens_in - num_prefix
-        pairs = mergeable ** 2 if count_pairs is None else count_pairs(mergeable, block, num_blocks)
-        total += pairs * metric_width
-    return total
+    pairs = mergeable ** 2 if count_pairs is None else count_pairs(mergeable, block, num_blocks)
+    return pairs * metric_width
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """One block's multiply-accumulates per image."""
+
+    block: int
+    tokens_in: int
+    tokens_out: int
+    attention_macs: int
+    mlp_macs: int
+    merge_macs: int
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Multiply-accumulates (MACs) per image; ``flops`` counts each MAC as 2 operations."""
+
+    blocks: list[BlockCost]
+    embed_macs: int
+    head_macs: int
+
+    @property
+    def model_macs(self) -> int:
+        return self.embed_macs + self.head_macs + sum(
+            b.attention_macs + b.mlp_macs for b in self.blocks)
+
+    @property
+    def merge_macs(self) -> int:
+        return sum(b.merge_macs for b in self.blocks)
+
+    @property
+    def total_macs(self) -> int:
+        return self.model_macs + self.merge_macs
+
+    @property
+    def total_flops(self) -> int:
+        return 2 * self.total_macs
+
+
+def flops(model: nn.Module, inputs) -> FlopsReport:
+    """Per-block MACs of a (patched or unpatched) timm ViT on ``inputs``, per image.
+
+    Runs one forward to read the token counts the merges produced, then counts analytically
+    (SPEC §7): attention ``4NC² + 2N²C``, MLP ``2N′CH``, plus patch embedding, head and, apart,
+    the merge's own similarity products.
+    """
+    import torch
+
+    from ..adapters.base import CONFIG_ATTR
+    from ..api import merge_info
+
+    with torch.no_grad():
+        model(inputs)
+    shape = VitShape.of(model)
+    num_patches = model.patch_embed.num_patches
+    prefix = model.num_prefix_tokens
+    config = model.__dict__.get(CONFIG_ATTR)
+    info = merge_info(model) if config is not None else None
+    counts = info.token_counts if info is not None else [num_patches + prefix] * (
+        shape.num_blocks + 1)
+    width, head_dim = shape.width, model.blocks[0].attn.head_dim
+    blocks = []
+    for index, (tokens_in, tokens_out) in enumerate(zip(counts[:-1], counts[1:])):
+        merge = 0 if config is None or tokens_in == tokens_out else merge_macs(
+            config.algorithm, index, shape.num_blocks, tokens_in - prefix, head_dim)
+        blocks.append(BlockCost(index, tokens_in, tokens_out,
+                                4 * tokens_in * width ** 2 + 2 * tokens_in ** 2 * width,
+                                2 * tokens_out * width * shape.mlp_hidden, merge))
+    return FlopsReport(blocks, num_patches * shape.patch_embed_macs_per_token, shape.head_macs)
+
+
+def counted_flops(model: nn.Module, inputs) -> int:
+    """FLOPs of one forward as ``torch.utils.flop_counter`` counts them, per image.
+
+    Attention runs through the math backend here: the counter does not see every fused
+    kernel (the CPU flash kernel, for one), while it counts the math path's products.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
+        model(inputs)
+    return counter.get_total_flops() // inputs.shape[0]
