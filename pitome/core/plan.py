@@ -59,6 +59,16 @@ class MergePlan:
     def num_out(self) -> int:
         return self.keep.shape[1]
 
+    def membership(self) -> torch.Tensor:
+        """``B×K×T`` 0/1 matrix: which input tokens each output token holds (dropped: none)."""
+        batch, num_out = self.keep.shape
+        matrix = torch.zeros(batch, num_out, num_out + self.src.shape[1], device=self.keep.device)
+        matrix.scatter_(2, self.keep.unsqueeze(-1), 1.0)
+        if not self.drop_src and self.src.shape[1]:
+            items = torch.arange(batch, device=self.keep.device).unsqueeze(1)
+            matrix[items, self.dst, self.src] = 1.0
+        return matrix
+
     def apply(self, x: torch.Tensor, reduce: Reduction = "sum") -> torch.Tensor:
         """Apply the plan to a ``B×T×C`` tensor.
 
