@@ -52,6 +52,51 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     commands.add_parser("algorithms", help="list the registered merging algorithms")
+
+    def model_options(command: argparse.ArgumentParser, default_model: str) -> None:
+        command.add_argument("--model", default=default_model,
+                             help="timm model name (default: %(default)s)")
+        source = command.add_mutually_exclusive_group()
+        source.add_argument("--checkpoint", metavar="FILE", help="load weights from this file")
+        source.add_argument("--pretrained", action="store_true",
+                            help="download pretrained weights from the Hugging Face hub")
+        command.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
+                             help="fraction of tokens each block keeps (default: %(default)s)")
+
+    flops = commands.add_parser(
+        "flops", help="per-block FLOPs of a merged model, cross-checked with torch's counter",
+        description="Analytic multiply-accumulates per block (attention, MLP, merge overhead "
+                    "apart) and the total as torch.utils.flop_counter counts it.")
+    model_options(flops, DEFAULT_MODEL)
+    flops.add_argument("--algo", default="pitome", help="algorithm, or 'none' (default: %(default)s)")
+
+    spectrum = commands.add_parser(
+        "spectrum", help="spectral distance of each block's merges on real images (SPEC §8)",
+        description="For each block: the token graph before the merge against the lifted "
+                    "graph of the merge; mean and spread over images, per algorithm.")
+    model_options(spectrum, "vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    spectrum.add_argument("--images", required=True, help="an ImageNet-style image folder")
+    spectrum.add_argument("--algos", default="pitome,tome", help="comma-separated algorithms")
+    spectrum.add_argument("--limit", type=int, default=20, help="images to use (default: 20)")
+    spectrum.add_argument("--protocol", choices=("merged", "single"), default="merged",
+                          help="'merged': the merged model's own merges; 'single': one merge "
+                               "of --r tokens on each block of the unmerged model")
+    spectrum.add_argument("--r", type=int, default=19, help="tokens merged per block, 'single'")
+    spectrum.add_argument("--weighting", choices=("relu", "margin"), default="relu",
+                          help="graph weights: max(0, cos), or cos above --margin")
+    spectrum.add_argument("--margin", type=float, default=0.0)
+    spectrum.add_argument("--plot", metavar="PNG", help="also plot distance per block")
+
+    visualize = commands.add_parser(
+        "visualize", help="paint each merged group of patches over an image",
+        description="Writes a PNG: the image, then one panel per algorithm where every group "
+                    "of merged patches is filled with its mean colour.")
+    visualize.add_argument("image", help="an image file")
+    model_options(visualize, "vit_tiny_patch16_224.augreg_in21k_ft_in1k")
+    visualize.add_argument("--algos", default="pitome,tome", help="comma-separated algorithms")
+    visualize.add_argument("--block", type=int, default=-1,
+                           help="show the groups after this block (default: the last)")
+    visualize.add_argument("--out", default="merges.png", help="output PNG (default: %(default)s)")
     return parser
 
 
@@ -91,6 +136,95 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace):
+    from .models import create_timm_model
+
+    return create_timm_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+
+
+def _algos(text: str) -> list[str]:
+    algos = [name.strip() for name in text.split(",") if name.strip()]
+    known = set(available_algorithms())
+    unknown = [name for name in algos if name.replace("-", "_").lower() not in known]
+    if unknown:
+        raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; "
+                         f"available: {', '.join(sorted(known))}")
+    return algos
+
+
+def run_flops(args: argparse.Namespace) -> int:
+    from .analysis.flops import counted_flops, flops
+    from .api import patch
+
+    model = _model(args)
+    if args.algo != "none":
+        _algos(args.algo)
+        patch(model, algo=args.algo, ratio=args.ratio)
+    inputs = torch.randn(1, 3, *model.patch_embed.img_size)
+    report = flops(model, inputs)
+    print(f"{args.model}, algo {args.algo}, ratio {args.ratio:g}: MACs per image "
+          "(FLOPs = 2 x MACs)")
+    print(f"{'block':>5} {'tokens in':>9} {'out':>5} {'attn GMACs':>10} {'MLP GMACs':>9} "
+          f"{'merge MMACs':>11}")
+    for block in report.blocks:
+        print(f"{block.block:>5} {block.tokens_in:>9} {block.tokens_out:>5} "
+              f"{block.attention_macs / 1e9:>10.3f} {block.mlp_macs / 1e9:>9.3f} "
+              f"{block.merge_macs / 1e6:>11.2f}")
+    counted = counted_flops(model, inputs)
+    print(f"embedding {report.embed_macs / 1e9:.3f} GMACs, head {report.head_macs / 1e9:.4f} GMACs")
+    print(f"total {report.total_macs / 1e9:.3f} GMACs = {report.total_flops / 1e9:.3f} GFLOPs "
+          f"(merge {report.merge_macs / 1e6:.1f} MMACs); torch.utils.flop_counter: "
+          f"{counted / 1e9:.3f} GFLOPs ({report.total_flops / counted - 1:+.2%})")
+    return 0
+
+
+def run_spectrum(args: argparse.Namespace) -> int:
+    from .analysis.spectrum import block_distances, single_merge_distances
+    from .tasks.image_classification import load_images, model_transform, read_image_folder
+
+    algos = _algos(args.algos)
+    model = _model(args)
+    items = read_image_folder(args.images)[: args.limit]
+    images, _ = load_images(items, model_transform(model))
+    results, cumulative = {}, {}
+    for algo in algos:
+        print(f"measuring {algo} ...", file=sys.stderr, flush=True)
+        if args.protocol == "single":
+            results[algo] = single_merge_distances(model, images, algo, args.r, args.weighting,
+                                                   args.margin)
+        else:
+            results[algo], cumulative[algo] = block_distances(
+                model, images, algo, args.ratio, args.weighting, args.margin)
+    setting = f"r={args.r} once per block" if args.protocol == "single" else f"ratio {args.ratio:g}"
+    print(f"spectral distance per block, {len(items)} images, {setting}, weights "
+          f"{args.weighting}: mean ± std of each block's own merge"
+          + ("; 'from input': mean distance of all merges so far" if cumulative else ""))
+    header = [f"{algo:>16}" for algo in algos]
+    header += [f"{algo + ' from input':>18}" for algo in cumulative]
+    print("block  " + "  ".join(header))
+    for block in range(len(model.blocks)):
+        cells = [f"{results[a][:, block].mean():8.3f} ± {results[a][:, block].std():5.3f}"
+                 for a in algos]
+        cells = [f"{cell:>16}" for cell in cells]
+        cells += [f"{cumulative[a][:, block].mean():>18.3f}" for a in cumulative]
+        print(f"{block:>5}  " + "  ".join(cells))
+    if args.plot:
+        from .analysis.spectrum import plot_distances
+
+        plot_distances(results, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def run_visualize(args: argparse.Namespace) -> int:
+    from .analysis.visualize import visualize
+
+    out = visualize(_model(args), args.image, _algos(args.algos), args.ratio, args.out,
+                    block=args.block)
+    print(f"wrote {out}")
+    return 0
+
+
 def run_algorithms() -> int:
     algorithms = available_algorithms()
     width = max(map(len, algorithms))
@@ -106,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     if args.command == "algorithms":
         return run_algorithms()
+    if args.command == "flops":
+        return run_flops(args)
+    if args.command == "spectrum":
+        return run_spectrum(args)
+    if args.command == "visualize":
+        return run_visualize(args)
     parser.print_help()
     return 0
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pitome.cli import main
 
@@ -49,3 +50,47 @@ def test_bench_rejects_unknown_algorithms():
 def test_algorithms_command(capsys):
     assert main(["algorithms"]) == 0
     assert "pitome_paper" in capsys.readouterr().out
+
+
+def test_flops_command(capsys):
+    assert main(["flops", "--model", TINY_MODEL, "--algo", "tome"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.utils.flop_counter" in out and out.count("\n") > 14
+
+
+def small_image_folder(root, count=2):
+    from PIL import Image
+
+    folder = root / "n00000001"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(count):
+        pixels = (torch.rand(240, 260, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{index}.png")
+    return root
+
+
+def test_spectrum_command(tmp_path, capsys):
+    folder = small_image_folder(tmp_path / "images")
+    assert main(["spectrum", "--model", TINY_MODEL, "--images", str(folder), "--algos",
+                 "pitome_paper,tome", "--limit", "2", "--ratio", "0.9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "spectral distance" in lines[0]
+    assert "from input" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert len(rows) == 12 and all(float(row[1]) > 0 for row in rows)
+    # block, 2 x (mean ± std), 2 cumulative columns; the first merge is all of the input's.
+    assert all(len(row) == 9 for row in rows)
+    assert float(rows[0][7]) == pytest.approx(float(rows[0][1]), abs=1e-3)
+
+
+def test_visualize_command(tmp_path):
+    from PIL import Image
+
+    folder = small_image_folder(tmp_path / "images", count=1)
+    image = next(folder.rglob("*.png"))
+    out = tmp_path / "merges.png"
+    assert main(["visualize", str(image), "--model", TINY_MODEL, "--algos", "pitome,tome",
+                 "--out", str(out)]) == 0
+    with Image.open(out) as picture:
+        assert picture.size == (3 * 224 + 2 * 8, 224 + 16)

@@ -10,10 +10,13 @@ import torch
 from .._optional import require
 from ..api import merge_info, patch, unpatch
 
+LABEL_HEIGHT = 16
+
 
 def group_sources(model: torch.nn.Module, image: torch.Tensor, algo: str, ratio: float,
                   block: int = -1, **options) -> torch.Tensor:
-    """``N``-long group id of every patch after ``block`` (negative counts from the end)."""
+    """``N``-long group id of every patch after ``block`` (negative counts from the end);
+    ``-1`` for patches a pruning method discarded."""
     num_blocks = len(model.blocks)
     last = block % num_blocks
     patch(model, algo=algo, ratio=ratio, trace_source=True, merge_blocks=range(last + 1),
@@ -25,20 +28,26 @@ def group_sources(model: torch.nn.Module, image: torch.Tensor, algo: str, ratio:
     finally:
         unpatch(model)
     prefix = model.num_prefix_tokens
-    return source[prefix:, prefix:].argmax(dim=0)
+    membership = source[prefix:, prefix:]
+    groups = membership.argmax(dim=0)
+    return torch.where(membership.sum(dim=0) > 0, groups, torch.full_like(groups, -1))
 
 
 def paint_groups(picture: torch.Tensor, groups: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``3×H×W`` picture (0-1) with each group's patches filled by the group's mean colour
-    and a dark line wherever neighbouring patches belong to different groups."""
+    and a dark line wherever neighbouring patches belong to different groups. Discarded
+    patches (group ``-1``) are white."""
     channels, height, width = picture.shape
     rows, cols = grid
     ph, pw = height // rows, width // cols
     patches = picture[:, :rows * ph, :cols * pw].reshape(channels, rows, ph, cols, pw)
     patch_means = patches.mean(dim=(2, 4)).reshape(channels, -1)
+    discarded = groups < 0
+    groups = torch.where(discarded, groups.max() + 1, groups)
     count = int(groups.max()) + 1
     sums = torch.zeros(channels, count).index_add_(1, groups, patch_means)
     means = sums / torch.bincount(groups, minlength=count).clamp_min(1)
+    means[:, groups[discarded]] = 1.0
     painted = means[:, groups].reshape(channels, rows, 1, cols, 1).expand(-1, -1, ph, -1, pw)
     painted = painted.reshape(channels, rows * ph, cols * pw).clone()
     ids = groups.reshape(rows, cols)
@@ -71,6 +80,12 @@ def visualize(model: torch.nn.Module, image_path: str | Path, algos: Sequence[st
     gap = torch.ones(3, picture.shape[1], 8)
     strip = torch.cat([part for panel in panels for part in (panel, gap)][:-1], dim=2)
     pixels = (strip.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    canvas = image_module.new("RGB", (pixels.shape[1], pixels.shape[0] + LABEL_HEIGHT), "white")
+    canvas.paste(image_module.fromarray(pixels), (0, LABEL_HEIGHT))
+    draw = require("PIL.ImageDraw", "eval").Draw(canvas)
+    panel_width = picture.shape[2] + gap.shape[2]
+    for index, label in enumerate(["input", *(f"{algo}, ratio {ratio:g}" for algo in algos)]):
+        draw.text((index * panel_width + 4, 3), label, fill="black")
     out = Path(out)
-    image_module.fromarray(pixels).save(out)
+    canvas.save(out)
     return out
