@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
+import torch
 from torch import nn
 
 from .adapters import find_adapter, patched_adapter
@@ -26,18 +27,21 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
 
     Args:
         model: a supported transformer (see ``pitome.supported_models()``).
-        algo: a registered algorithm (``pitome.available_algorithms()``).
+        algo: a registered algorithm (``pitome.available_algorithms()``). On text models
+            ``"pitome"`` means the text variant, ``"pitome_text"`` (SPEC §3-5).
         ratio: fraction of mergeable tokens each block keeps, in [0.5, 1]; 1 merges nothing.
             Defaults to 0.9 unless ``r`` is given.
         r: ToMe's alternative: tokens merged per block as an int, a per-block list, or
             ``(r, inflection)``.
         prop_attn: add ``log size`` to attention logits; defaults to the algorithm's own.
         margin: PiToMe's energy margin, a float or per-block schedule; defaults to the model
-            family's reference schedule (timm ViT: ``0.75 − 0.75·i/L``).
+            family's reference schedule (ViT ``0.75 − 0.75·i/L``, CLIP ``0.9 − 0.9·i/L``,
+            BERT-family ``0.9 − 0.25·i/L``).
         metric: what similarity is measured on: the attention ``"keys"`` averaged over heads,
             or the ``"hidden"`` state after the attention residual.
         trace_source: track which input tokens each output token holds (``merge_info``).
-        merge_blocks: merge only in these block indices.
+        merge_blocks: merge only in these block indices; text models default to the first
+            three (the authors' text schedule), other models to all.
         count_prefix: compute ``r`` from all tokens, prefix included (the authors' ToMe).
         keep_plans: keep every block's :class:`~pitome.core.plan.MergePlan` in ``merge_info``.
         **options: algorithm options (e.g. ``pool`` and ``energy`` for PiToMe).
@@ -46,23 +50,25 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
         UnsupportedModelError: no adapter supports the model.
         ValueError: an out-of-range ratio, an impossible ``r`` or an unknown algorithm.
     """
-    method = get_method(algo)
+    adapter = find_adapter(model)
+    method = get_method(adapter.preset_for(model, algo))
     if ratio is None and r is None:
         ratio = DEFAULT_RATIO
+    if merge_blocks is None:
+        merge_blocks = adapter.merge_blocks_for(model)
     schedule = TokenSchedule(
         ratio=ratio, r=r, merge_blocks=None if merge_blocks is None else tuple(merge_blocks),
         count_prefix=method.defaults.get("count_prefix", False) if count_prefix is None
         else count_prefix)
     if metric not in ("keys", "hidden"):
         raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
-    adapter = find_adapter(model)
     algorithm = method.build(**options)
     if trace_source and not getattr(algorithm, "traceable", True):
         raise ValueError(f"algorithm {method.name!r} mixes tokens instead of merging them, so "
                          "it has no sources to trace; use trace_source=False")
     config = MergeConfig(
         algo=method.name, algorithm=algorithm, schedule=schedule,
-        margin=adapter.default_margin if margin is None else margin,
+        margin=adapter.margin_for(model) if margin is None else margin,
         prop_attn=method.defaults.get("prop_attn", False) if prop_attn is None else prop_attn,
         metric=metric, trace_source=trace_source, keep_plans=keep_plans)
     unpatch(model)
@@ -81,3 +87,21 @@ def unpatch(model: ModelT) -> ModelT:
 def merge_info(model: nn.Module) -> MergeInfo | None:
     """What the last forward pass of a patched model merged, or None before the first one."""
     return model.__dict__.get(INFO_ATTR)
+
+
+def pooling_weights(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``B×T×1`` weights to mean-pool the last output of ``model``'s latest forward pass.
+
+    A merged token weighs as many input tokens as it holds, padding weighs nothing, so
+    ``(hidden * w).sum(1) / w.sum(1)`` is the mean over the input's real tokens. When that
+    forward merged nothing, the weights are ``attention_mask`` (or ones if it is None).
+    """
+    info = merge_info(model)
+    if info is not None and info.sizes is not None:
+        weights = info.sizes.float()
+        if info.padding is not None:
+            weights = weights * info.padding.unsqueeze(-1)
+        return weights
+    if attention_mask is None:
+        raise ValueError("nothing was merged; pass the attention mask to pool by")
+    return attention_mask.unsqueeze(-1).float()

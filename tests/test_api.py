@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import builtins
+import sys
 
 import pytest
 import torch
@@ -65,14 +65,7 @@ def test_unsupported_attention_names_the_block():
 
 
 def test_missing_optional_dependency_names_the_extra(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_transformers(name, *args, **kwargs):
-        if name.startswith("transformers"):
-            raise ImportError("No module named 'transformers'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an absent package looks like
     with pytest.raises(MissingDependencyError, match=r"pip install 'pitome\[hf\]'"):
         require("transformers", "hf")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from .base import CONFIG_ATTR, Adapter, UnsupportedModelError
+from .hf import HuggingFaceAdapter
 from .timm_vit import TimmVisionTransformerAdapter
 
-ADAPTERS: list[Adapter] = [TimmVisionTransformerAdapter()]
+ADAPTERS: list[Adapter] = [TimmVisionTransformerAdapter(), HuggingFaceAdapter()]
 
 
 def supported_models() -> list[str]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.attention import received_attention
 from ..core.schedule import LinearMargin
 from ..core.state import MergeConfig, MergeState
 from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, record_info, \
@@ -54,17 +55,6 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | N
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), k.mean(dim=1), received
-
-
-def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-                       state: MergeState) -> torch.Tensor:
-    """``B×T`` attention from the CLS query (or the mean query without one), head-averaged."""
-    with torch.no_grad():
-        query = q[:, :, :1] if state.num_prefix > 0 else q.mean(dim=2, keepdim=True)
-        logits = (query.float() @ k.float().transpose(-2, -1)) * scale
-        if bias is not None:
-            logits = logits + bias.float()
-        return logits.softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 def _metric(config: MergeConfig, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -148,6 +138,15 @@ class TimmVisionTransformerAdapter:
 
     def matches(self, model: nn.Module) -> bool:
         return bool(class_names(model) & set(MODEL_CLASSES)) and hasattr(model, "blocks")
+
+    def margin_for(self, model: nn.Module) -> LinearMargin:
+        return self.default_margin
+
+    def merge_blocks_for(self, model: nn.Module) -> None:
+        return None
+
+    def preset_for(self, model: nn.Module, algo: str) -> str:
+        return algo
 
     def check(self, model: nn.Module) -> None:
         for index, block in enumerate(model.blocks):

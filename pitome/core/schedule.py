@@ -97,11 +97,13 @@ class TokenSchedule:
             raise ValueError(f"r must be non-negative, got {values}")
         return values
 
-    def plan(self, num_tokens: int, num_prefix: int, num_blocks: int) -> list[int]:
+    def plan(self, num_tokens: int, num_prefix: int, num_blocks: int,
+             clamp: bool = False) -> list[int]:
         """Per-block ``r`` for an input of ``num_tokens`` tokens (prefix included).
 
         Raises ValueError when a block would have to merge more than half of its mergeable
-        tokens, which bipartite matching cannot do.
+        tokens, which bipartite matching cannot do; with ``clamp`` such a block merges half
+        instead (short sentences in a padded batch).
         """
         fixed = None if self.ratio is not None else self._fixed_r(num_blocks)
         counts, tokens = [], num_tokens
@@ -114,6 +116,8 @@ class TokenSchedule:
                 r = min(tokens_to_merge(base, self.ratio), mergeable // 2)  # type: ignore[arg-type]
             else:
                 r = fixed[block]
+            if clamp:
+                r = min(r, max(mergeable, 0) // 2)
             if 2 * r > mergeable:
                 raise ValueError(
                     f"block {block} cannot merge r={r} tokens: only {mergeable} mergeable tokens "

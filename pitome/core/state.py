@@ -34,7 +34,10 @@ class MergeInfo:
         merges: tokens removed in each block.
         sizes: ``B×T×1`` input tokens each output token represents (None if nothing merged).
         source: ``B×T×N`` 0/1 membership of output tokens over input tokens (when traced).
-        plans: the plan of every merging block, by block index (when ``keep_plans``).
+        plans: the plan of every merging block, by block index (when ``keep_plans``; padded
+            batches keep none, each sentence length has its own plan).
+        padding: ``B×T`` bool, True for the output tokens that hold real (non-padding)
+            tokens, or None when the input was not padded.
     """
 
     algo: str
@@ -43,10 +46,17 @@ class MergeInfo:
     sizes: torch.Tensor | None = None
     source: torch.Tensor | None = None
     plans: dict[int, MergePlan] = field(default_factory=dict)
+    padding: torch.Tensor | None = None
 
 
 class MergeState:
-    """The running state of one forward pass, handed explicitly from block to block."""
+    """The running state of one forward pass, handed explicitly from block to block.
+
+    A padded batch (``padding`` given, real tokens first in every row) is merged sentence by
+    sentence: each row follows the schedule of its own length, as it would alone, so its
+    output never depends on what else is in the batch. Rows of equal length are planned
+    together; the padding a shorter row needs to fill the batch is kept, never merged.
+    """
 
     def __init__(self, config: MergeConfig, x: torch.Tensor, num_prefix: int, num_blocks: int,
                  padding: torch.Tensor | None = None) -> None:
@@ -56,17 +66,43 @@ class MergeState:
         self.num_blocks = num_blocks
         self.merges = config.schedule.plan(tokens, num_prefix, num_blocks)
         self.sizes: torch.Tensor | None = None
-        self.padding = padding
+        self.padding = None if padding is None or bool(padding.all()) else padding.bool()
+        self.rows_by_length: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        if self.padding is not None:
+            self.rows_by_length = self._rows_by_length(self.padding)
         self.source: torch.Tensor | None = None
         if config.trace_source:
             self.source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens)
         self.plans: dict[int, MergePlan] = {}
 
+    def _rows_by_length(self, padding: torch.Tensor) -> dict[int, tuple[torch.Tensor, list[int]]]:
+        """Rows grouped by real length, each with its token count entering every block."""
+        lengths = padding.sum(dim=1)
+        positions = torch.arange(padding.shape[1], device=padding.device)
+        if not torch.equal(padding, positions < lengths.unsqueeze(1)):
+            raise ValueError("token merging needs right-padded input (real tokens first in every "
+                             "row); pad on the right, e.g. tokenizer.padding_side = 'right'")
+        if int(lengths.min()) <= self.num_prefix:
+            raise ValueError("every row needs at least one token besides the prefix tokens")
+        groups = {}
+        for length in sorted(set(lengths.tolist())):
+            merges = self.config.schedule.plan(length, self.num_prefix, self.num_blocks, clamp=True)
+            rows = (lengths == length).nonzero().flatten()
+            groups[length] = (rows, token_counts(length, merges))
+        return groups
+
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """Proportional attention: ``log s`` added to every key's logit, ``B×1×1×T``."""
-        if not self.config.prop_attn or self.sizes is None:
-            return None
-        return self.sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
+        """Additive ``B×1×1×T`` key bias: ``log s`` (proportional attention) on real tokens,
+        the dtype's minimum on padding; None when neither applies."""
+        bias = None
+        if self.config.prop_attn and self.sizes is not None:
+            bias = self.sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
+        if self.padding is not None:
+            blocked = torch.zeros(self.padding.shape, dtype=dtype, device=self.padding.device)
+            blocked.masked_fill_(~self.padding, torch.finfo(dtype).min)
+            blocked = blocked[:, None, None, :]
+            bias = blocked if bias is None else bias + blocked
+        return bias
 
     @property
     def needs_attention(self) -> bool:
@@ -79,6 +115,8 @@ class MergeState:
         r = self.merges[block]
         if r == 0:
             return x
+        if self.padding is not None:
+            return self._merge_rows_by_length(x, metric, block, attention)
         ctx = MergeContext(r=r, num_prefix=self.num_prefix, block=block,
                            num_blocks=self.num_blocks,
                            margin=resolve_margin(self.config.margin, block, self.num_blocks),
@@ -92,14 +130,49 @@ class MergeState:
         x, self.sizes = plan.weighted_mean(x, sizes)
         if self.source is not None:
             self.source = plan.apply(self.source, "amax")
-        if self.padding is not None:
-            merged = plan.apply(self.padding.unsqueeze(-1).to(torch.uint8), "amax")
-            self.padding = merged.squeeze(-1).bool()
         if self.config.keep_plans:
             self.plans[block] = plan
         return x
 
+    def _merge_rows_by_length(self, x: torch.Tensor, metric: torch.Tensor, block: int,
+                              attention: torch.Tensor | None) -> torch.Tensor:
+        """Merge each group of equal-length rows on its real tokens alone, then re-pad."""
+        batch, tokens, _ = x.shape
+        num_out = tokens - self.merges[block]
+        sizes = self.sizes if self.sizes is not None else \
+            x.new_ones(batch, tokens, 1, dtype=torch.float32)
+        out = x.new_empty(batch, num_out, x.shape[-1])
+        new_sizes = sizes.new_ones(batch, num_out, 1)
+        source = None if self.source is None else \
+            self.source.new_zeros(batch, num_out, self.source.shape[-1])
+        lengths = torch.empty(batch, dtype=torch.long, device=x.device)
+        for rows, counts in self.rows_by_length.values():
+            length, length_out = counts[block], counts[block + 1]
+            kept_padding = slice(length, length + num_out - length_out)
+            part, part_sizes = x[rows, :length], sizes[rows, :length]
+            part_source = None if source is None else self.source[rows, :length]
+            if length_out < length:
+                ctx = MergeContext(
+                    r=length - length_out, num_prefix=self.num_prefix, block=block,
+                    num_blocks=self.num_blocks,
+                    margin=resolve_margin(self.config.margin, block, self.num_blocks),
+                    sizes=None if self.sizes is None else part_sizes,
+                    attention=None if attention is None else attention[rows, :length].detach())
+                with torch.no_grad():
+                    plan = self.config.algorithm(metric[rows, :length].detach(), ctx)
+                part, part_sizes = plan.weighted_mean(part, part_sizes)
+                if part_source is not None:
+                    part_source = plan.apply(part_source, "amax")
+            out[rows] = torch.cat([part, x[rows, kept_padding]], dim=1)
+            new_sizes[rows, :length_out] = part_sizes
+            if source is not None:
+                source[rows] = torch.cat([part_source, self.source[rows, kept_padding]], dim=1)
+            lengths[rows] = length_out
+        self.sizes, self.source = new_sizes, source
+        self.padding = torch.arange(num_out, device=x.device) < lengths.unsqueeze(1)
+        return out
+
     def info(self, num_tokens: int) -> MergeInfo:
         return MergeInfo(algo=self.config.algo, token_counts=token_counts(num_tokens, self.merges),
                          merges=list(self.merges), sizes=self.sizes, source=self.source,
-                         plans=dict(self.plans))
+                         plans=dict(self.plans), padding=self.padding)

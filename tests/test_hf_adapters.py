@@ -1,0 +1,260 @@
+"""Hugging Face adapters on tiny random models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pitome
+from pitome.core.schedule import TokenSchedule, token_counts
+
+transformers = pytest.importorskip("transformers")
+
+VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+              image_size=64, patch_size=8)
+TEXT = dict(vocab_size=120, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64)
+
+
+def _vit(cls):
+    return cls(transformers.ViTConfig(**VISION, num_labels=7))
+
+
+def _deit(cls):
+    return cls(transformers.DeiTConfig(**VISION, num_labels=7))
+
+
+def _clip_model():
+    text = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION))
+
+
+VISION_MODELS = {
+    "ViTModel": (lambda: _vit(transformers.ViTModel), 1, lambda out: out.last_hidden_state[:, 0]),
+    "ViTForImageClassification": (lambda: _vit(transformers.ViTForImageClassification), 1,
+                                  lambda out: out.logits),
+    "DeiTModel": (lambda: _deit(transformers.DeiTModel), 2, lambda out: out.pooler_output),
+    "DeiTForImageClassificationWithTeacher": (
+        lambda: _deit(transformers.DeiTForImageClassificationWithTeacher), 2,
+        lambda out: out.logits),
+    "CLIPVisionModel": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
+                        1, lambda out: out.pooler_output),
+    "CLIPModel": (_clip_model, 1, None),
+    "SiglipVisionModel": (
+        lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)), 0,
+        lambda out: out.pooler_output),
+}
+
+TEXT_MODELS = {
+    "BertModel": (lambda: transformers.BertModel(transformers.BertConfig(**TEXT)),
+                  lambda out: out.pooler_output),
+    "BertForSequenceClassification": (
+        lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**TEXT, num_labels=3)),
+        lambda out: out.logits),
+    "RobertaModel": (
+        lambda: transformers.RobertaModel(transformers.RobertaConfig(**TEXT, pad_token_id=1)),
+        lambda out: out.last_hidden_state[:, 0]),
+    "RobertaForSequenceClassification": (
+        lambda: transformers.RobertaForSequenceClassification(
+            transformers.RobertaConfig(**TEXT, pad_token_id=1, num_labels=3)),
+        lambda out: out.logits),
+    "DistilBertModel": (
+        lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
+            vocab_size=120, dim=64, n_layers=4, n_heads=4, hidden_dim=128)),
+        lambda out: out.last_hidden_state[:, 0]),
+    "DistilBertForSequenceClassification": (
+        lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+            vocab_size=120, dim=64, n_layers=4, n_heads=4, hidden_dim=128, num_labels=3)),
+        lambda out: out.logits),
+}
+
+
+TEXT_SCHEDULE = TokenSchedule(ratio=0.7, merge_blocks=(0, 1, 2))
+
+
+def build(name: str, table: dict, dtype=torch.float32, train: bool = False):
+    torch.manual_seed(0)
+    model = table[name][0]().to(dtype)
+    return model.train() if train else model.eval()
+
+
+def images(batch: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def vision_output(name: str, model, pixels: torch.Tensor) -> torch.Tensor:
+    if name == "CLIPModel":
+        features = model.get_image_features(pixel_values=pixels)
+        return getattr(features, "pooler_output", features)
+    return VISION_MODELS[name][2](model(pixel_values=pixels))
+
+
+def sentences(batch: int, length: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (no special ids below 3) and a right-padded mask of varied lengths."""
+    ids = torch.randint(3, 120, (batch, length), generator=torch.Generator().manual_seed(2))
+    lengths = [length - 7 * (i % 3) for i in range(batch)]
+    mask = (torch.arange(length) < torch.tensor(lengths)[:, None]).long()
+    return ids * mask + (1 - mask), mask
+
+
+def text_output(name: str, model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return TEXT_MODELS[name][1](model(input_ids=ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("name", VISION_MODELS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_ratio_one_is_identity_and_unpatch_exact(name, batch, dtype):
+    model = build(name, VISION_MODELS, dtype)
+    pixels = images(batch, dtype)
+    with torch.no_grad():
+        reference = vision_output(name, model, pixels)
+        pitome.patch(model, algo="pitome", ratio=1.0)
+        assert torch.equal(vision_output(name, model, pixels), reference)
+        pitome.patch(model, algo="tome", ratio=0.8)
+        assert not torch.equal(vision_output(name, model, pixels), reference)
+        pitome.unpatch(model)
+        assert torch.equal(vision_output(name, model, pixels), reference)
+    assert not any("pitome" in key for key in model.state_dict())
+
+
+@pytest.mark.parametrize("name", VISION_MODELS)
+@pytest.mark.parametrize("algo", ["pitome", "pitome_paper", "tome", "mctf", "prune"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_invariants(name, algo, dtype):
+    model = build(name, VISION_MODELS, dtype)
+    prefix = VISION_MODELS[name][1]
+    pitome.patch(model, algo=algo, ratio=0.85, trace_source=algo != "prune")
+    with torch.no_grad():
+        out = vision_output(name, model, images(2, dtype))
+    assert torch.isfinite(out.float()).all()
+    info = pitome.merge_info(model)
+    tokens = 64 + prefix
+    merges = TokenSchedule(ratio=0.85).plan(tokens, prefix, 4)
+    assert info.token_counts == token_counts(tokens, merges)
+    if algo == "prune":
+        return
+    assert torch.equal(info.sizes.sum(dim=1).flatten(), torch.full((2,), float(tokens)))
+    source = info.source
+    assert torch.equal(source.sum(dim=1), torch.ones(2, tokens))  # a partition of the input
+    assert torch.equal(source[:, :prefix, :prefix], torch.eye(prefix).expand(2, -1, -1))
+    assert source[:, prefix:, :prefix].sum() == 0
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_ratio_one_is_identity_and_unpatch_exact(name, batch, dtype):
+    model = build(name, TEXT_MODELS, dtype)
+    ids, mask = sentences(batch)
+    with torch.no_grad():
+        reference = text_output(name, model, ids, mask)
+        pitome.patch(model, ratio=1.0)
+        assert torch.equal(text_output(name, model, ids, mask), reference)
+        pitome.patch(model, ratio=0.7)
+        assert not torch.equal(text_output(name, model, ids, mask), reference)
+        pitome.unpatch(model)
+        assert torch.equal(text_output(name, model, ids, mask), reference)
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+@pytest.mark.parametrize("algo", ["pitome", "tome", "tofu", "dct", "diffrate", "crossget"])
+def test_text_padding_never_mixes_and_sizes_add_up(name, algo):
+    model = build(name, TEXT_MODELS)
+    ids, mask = sentences(3)
+    pitome.patch(model, algo=algo, ratio=0.7, trace_source=algo != "dct")
+    with torch.no_grad():
+        text_output(name, model, ids, mask)
+    info = pitome.merge_info(model)
+    lengths = mask.sum(dim=1)
+    assert info.token_counts[0] == 24 and info.merges[3] == 0  # the first three blocks merge
+    assert torch.equal(info.padding.sum(dim=1),
+                       torch.tensor([token_counts(int(n), TEXT_SCHEDULE.plan(int(n), 1, 4))[-1]
+                                     for n in lengths]))
+    if info.source is not None:
+        holds_real = (info.source * mask[:, None, :]).sum(dim=-1) > 0
+        holds_padding = (info.source * (1 - mask)[:, None, :]).sum(dim=-1) > 0
+        assert not (holds_real & holds_padding).any()
+        assert torch.equal(holds_real, info.padding)
+    if algo in ("tofu", "dct"):
+        return  # ToFu prunes in its first blocks and DCT mixes: neither conserves tokens
+    real_sizes = (info.sizes[..., 0] * info.padding).sum(dim=1)
+    assert torch.equal(real_sizes, lengths.float())
+    covered = (info.source * info.padding[..., None]).sum(dim=1)
+    assert torch.equal(covered, mask.float())  # every real token in exactly one real output
+    assert torch.equal(info.source[:, 0, :], torch.eye(24)[0].expand(3, -1))  # CLS untouched
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
+@pytest.mark.parametrize("algo", ["pitome", "tome", "mctf"])
+def test_text_output_does_not_depend_on_the_batch(name, algo):
+    model = build(name, TEXT_MODELS)
+    ids, mask = sentences(3)
+    pitome.patch(model, algo=algo, ratio=0.7)
+    with torch.no_grad():
+        together = text_output(name, model, ids, mask)
+        for row in range(3):
+            length = int(mask[row].sum())
+            alone = text_output(name, model, ids[row:row + 1, :length], mask[row:row + 1, :length])
+            torch.testing.assert_close(alone[0], together[row], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "CLIPVisionModel"])
+def test_vision_train_mode_backpropagates(name):
+    model = build(name, VISION_MODELS, train=True)
+    pitome.patch(model, algo="pitome", ratio=0.8)
+    vision_output(name, model, images(2)).float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads[:5])
+
+
+@pytest.mark.parametrize("name", ["BertForSequenceClassification", "DistilBertModel"])
+def test_text_train_mode_backpropagates(name):
+    model = build(name, TEXT_MODELS, train=True)
+    pitome.patch(model, algo="pitome", ratio=0.7)
+    ids, mask = sentences(3)
+    text_output(name, model, ids, mask).sum().backward()
+    embeddings = model.get_input_embeddings().weight.grad
+    assert embeddings is not None and torch.isfinite(embeddings).all()
+
+
+def test_text_models_use_the_text_variant_and_first_three_blocks():
+    model = build("BertModel", TEXT_MODELS)
+    pitome.patch(model)
+    ids, mask = sentences(2)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    info = pitome.merge_info(model)
+    assert info.algo == "pitome_text"
+    assert info.merges[:3] == [2, 2, 1] and info.merges[3] == 0
+
+
+def test_pooling_weights_give_the_mean_over_real_tokens():
+    from pitome.tasks.text import mean_pooled
+
+    model = build("BertModel", TEXT_MODELS)
+    ids, mask = sentences(3)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = (plain * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(mean_pooled(model, plain, mask), expected)
+        pitome.patch(model, ratio=0.7)
+        merged = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    weights = pitome.pooling_weights(model)
+    assert weights.shape[:2] == merged.shape[:2]
+    assert torch.equal(weights.sum(dim=(1, 2)), mask.sum(dim=1).float())
+
+
+def test_left_padding_is_refused_clearly():
+    model = build("BertModel", TEXT_MODELS)
+    ids, mask = sentences(3)
+    pitome.patch(model, ratio=0.7)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(input_ids=ids, attention_mask=mask.flip(-1))
+
+
+def test_unsupported_hf_model_lists_what_is_supported():
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(pitome.UnsupportedModelError, match="BertForSequenceClassification"):
+        pitome.patch(transformers.GPT2Model(config))
