@@ -30,6 +30,30 @@ def _clip_model():
     return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=VISION))
 
 
+def _blip_retrieval():
+    text = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, encoder_hidden_size=64)
+    model = transformers.BlipForImageTextRetrieval(transformers.BlipConfig(
+        text_config=text, vision_config=VISION, image_text_hidden_size=32))
+    return randomized(model)
+
+
+def randomized(model):
+    """Weights of a usable scale (BLIP's initialisation leaves tiny random models degenerate)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                parameter.fill_(1.0)
+            else:
+                scale = 0.1 if parameter.dim() > 1 else 0.02
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+CAPTION_IDS = torch.randint(3, 120, (3, 10), generator=torch.Generator().manual_seed(4))
+
+
 VISION_MODELS = {
     "ViTModel": (lambda: _vit(transformers.ViTModel), 1, lambda out: out.last_hidden_state[:, 0]),
     "ViTForImageClassification": (lambda: _vit(transformers.ViTForImageClassification), 1,
@@ -41,6 +65,7 @@ VISION_MODELS = {
     "CLIPVisionModel": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
                         1, lambda out: out.pooler_output),
     "CLIPModel": (_clip_model, 1, None),
+    "BlipForImageTextRetrieval": (_blip_retrieval, 1, None),
     "SiglipVisionModel": (
         lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)), 0,
         lambda out: out.pooler_output),
@@ -87,6 +112,9 @@ def vision_output(name: str, model, pixels: torch.Tensor) -> torch.Tensor:
     if name == "CLIPModel":
         features = model.get_image_features(pixel_values=pixels)
         return getattr(features, "pooler_output", features)
+    if name == "BlipForImageTextRetrieval":  # image-text matching: text cross-attends to image
+        ids = CAPTION_IDS[:pixels.shape[0]]
+        return model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).itm_score
     return VISION_MODELS[name][2](model(pixel_values=pixels))
 
 
@@ -258,3 +286,71 @@ def test_unsupported_hf_model_lists_what_is_supported():
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)
     with pytest.raises(pitome.UnsupportedModelError, match="BertForSequenceClassification"):
         pitome.patch(transformers.GPT2Model(config))
+
+
+def test_blip_text_cross_attends_with_merged_sizes():
+    model = build("BlipForImageTextRetrieval", VISION_MODELS)
+    pixels, ids = images(2), CAPTION_IDS[:2]
+    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=True)
+    with torch.no_grad():
+        score = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).itm_score
+        image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
+        sizes = pitome.merge_info(model).sizes
+        assert image_embeds.shape[1] == 29 and sizes.shape[1] == 29
+        text = model.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  encoder_hidden_states=image_embeds,
+                                  encoder_attention_mask=sizes[..., 0].log()[:, None, None, :])
+        torch.testing.assert_close(model.itm_head(text.last_hidden_state[:, 0]), score)
+        pitome.patch(model, algo="tome", ratio=0.8, prop_attn=False)
+        plain = model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).itm_score
+    assert not torch.allclose(plain, score)
+
+
+def _llava():
+    from pitome.adapters.llava import unmerged_image_tokens
+
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION),
+        text_config=transformers.LlamaConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4,
+                                             intermediate_size=128, pad_token_id=0),
+        image_token_id=150, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    full = unmerged_image_tokens(model)
+    # Two prompts of different lengths, left-padded as LLaVA processors pad for generation.
+    ids = torch.tensor([[0, 0, 1] + [150] * full + [5, 6, 7], [1, 3, 4] + [150] * full + [5, 6, 7]])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return model, dict(input_ids=ids, attention_mask=mask, pixel_values=images(2))
+
+
+def test_llava_generates_with_fewer_image_tokens():
+    from pitome.adapters.llava import fit_image_placeholders, image_tokens
+
+    model, inputs = _llava()
+    options = dict(max_new_tokens=4, do_sample=False)
+    reference = model.generate(**inputs, **options)
+    pitome.patch(model, ratio=1.0)
+    assert torch.equal(model.generate(**inputs, **options), reference)
+
+    pitome.patch(model, algo="pitome", ratio=0.8)
+    assert image_tokens(model) == 34  # 65 tokens -> 35 entering the last layer, minus CLS
+    fitted = fit_image_placeholders(model, inputs)
+    assert (fitted["input_ids"] == 150).sum(dim=1).tolist() == [34, 34]
+    assert fitted["attention_mask"].sum(dim=1).tolist() == [38, 40]
+    assert fitted["attention_mask"][0, :2].tolist() == [0, 0]  # padding stays on the left
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]),
+        with_kwargs=True)
+    try:
+        first = model.generate(**fitted, **options)
+        again = model.generate(**fitted, **options)
+    finally:
+        hook.remove()
+    assert seen[0] == fitted["input_ids"].shape[1] == 40  # the prompt holds the merged count
+    assert torch.equal(first, again) and first.shape == (2, 44)
+    assert pitome.merge_info(model).token_counts == [65, 53, 43, 35, 29]
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model.generate(**inputs, **options)  # unfitted placeholders are refused by transformers

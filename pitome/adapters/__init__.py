@@ -6,9 +6,11 @@ from torch import nn
 
 from .base import CONFIG_ATTR, Adapter, UnsupportedModelError
 from .hf import HuggingFaceAdapter
+from .open_clip import OpenClipAdapter
 from .timm_vit import TimmVisionTransformerAdapter
 
-ADAPTERS: list[Adapter] = [TimmVisionTransformerAdapter(), HuggingFaceAdapter()]
+ADAPTERS: list[Adapter] = [TimmVisionTransformerAdapter(), HuggingFaceAdapter(),
+                           OpenClipAdapter()]
 
 
 def supported_models() -> list[str]:

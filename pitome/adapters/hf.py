@@ -1,4 +1,5 @@
-"""Hugging Face transformers 5.x: ViT, DeiT, CLIP and SigLIP vision towers, BERT, RoBERTa, DistilBERT.
+"""Hugging Face transformers 5.x: ViT, DeiT, CLIP, SigLIP and BLIP vision towers, BERT, RoBERTa,
+DistilBERT.
 
 Each patched layer composes the layer's own submodules (norms, the attention module, the
 MLP) and merges between attention and MLP; the attention module is still the library's own,
@@ -20,87 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.attention import received_attention
 from ..core.schedule import LinearMargin, MarginSpec
-from ..core.state import MergeConfig, MergeState
-from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, record_info, \
-    restore_class, swap_class
+from ..core.state import MergeConfig
+from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, restore_class, \
+    swap_class
+from .stack import INDEX_ATTR, RUN_ATTR, MergingLayer, StackRun
 
-RUN_ATTR = "_pitome_run"
 TESTED = "transformers 5.24"
-
-
-class StackRun:
-    """What the patched layers of one stack share: the config and the live forward's state."""
-
-    def __init__(self, owner: nn.Module, config: MergeConfig, num_prefix: int, heads: int,
-                 num_layers: int) -> None:
-        self.owner, self.config = owner, config
-        self.num_prefix, self.heads, self.num_layers = num_prefix, heads, num_layers
-        self.state: MergeState | None = None
-        self.tokens_in = 0
-        self.keys: torch.Tensor | None = None
-        self.queries: torch.Tensor | None = None
-        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
-
-    def begin(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> MergeState:
-        self.tokens_in = x.shape[1]
-        self.state = MergeState(self.config, x, self.num_prefix, self.num_layers,
-                                padding=real_tokens(attention_mask, x.shape[1]))
-        return self.state
-
-    def finish(self) -> None:
-        if self.state is not None:
-            record_info(self.owner, self.state.info(self.tokens_in))
-        self.state = self.keys = self.queries = None
-
-    def head_mean(self, projected: torch.Tensor) -> torch.Tensor:
-        batch, tokens, width = projected.shape
-        return projected.view(batch, tokens, self.heads, width // self.heads).mean(dim=2)
-
-    def received(self, bias: torch.Tensor | None, scale: float) -> torch.Tensor | None:
-        if self.state is None or not self.state.needs_attention:
-            return None
-        batch, tokens, width = self.keys.shape  # type: ignore[union-attr]
-        split = (batch, tokens, self.heads, width // self.heads)
-        q = self.queries.view(split).transpose(1, 2)  # type: ignore[union-attr]
-        k = self.keys.view(split).transpose(1, 2)  # type: ignore[union-attr]
-        return received_attention(q, k, scale, bias, self.state)
-
-
-def real_tokens(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
-    """``B×T`` True for real tokens, from a 2-D 0/1 mask or a 4-D boolean or additive mask."""
-    if attention_mask is None:
-        return None
-    mask = attention_mask
-    if mask.dim() == 4:
-        mask = mask[:, 0, 0, :]
-    if mask.shape[-1] != tokens:
-        raise ValueError(f"attention mask covers {mask.shape[-1]} tokens, the input has {tokens}")
-    return mask.bool() if mask.dtype == torch.bool or mask.dim() == 2 and mask.max() <= 1 \
-        else mask == 0
-
-
-class MergingLayer:
-    """Shared by every layer kind: start and end the forward's state, merge the residual."""
-
-    def _pitome_enter(self, x: torch.Tensor, attention_mask: torch.Tensor | None
-                      ) -> tuple[StackRun, MergeState]:
-        run: StackRun = self.__dict__[RUN_ATTR]
-        if self._pitome_index == 0 or run.state is None:
-            run.begin(x, attention_mask)
-        return run, run.state  # type: ignore[return-value]
-
-    def _pitome_merge(self, run: StackRun, x: torch.Tensor, bias: torch.Tensor | None,
-                      scale: float) -> torch.Tensor:
-        state = run.state
-        metric = run.head_mean(run.keys) if state.config.metric == "keys" else x
-        return state.merge(x, metric, self._pitome_index, run.received(bias, scale))
-
-    def _pitome_exit(self, run: StackRun, x: torch.Tensor) -> torch.Tensor:
-        if self._pitome_index == run.num_layers - 1:
-            run.finish()
-        return x
 
 
 class MergingPreNormLayer(MergingLayer):
@@ -151,6 +78,32 @@ class MergingDistilBertLayer(MergingLayer):
         return self._pitome_exit(run, self.output_layer_norm(self.ffn(x) + x))
 
 
+class MergingFusedQKVLayer(MergingLayer):
+    """BLIP's vision layer, whose attention takes no mask: with a key bias to apply, the
+    layer runs the attention itself from the module's own ``qkv`` and ``projection``."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                *args, **kwargs) -> torch.Tensor:
+        run, state = self._pitome_enter(hidden_states, attention_mask)
+        bias = state.attention_bias(hidden_states.dtype)
+        attention = self.self_attn
+        h = self.layer_norm1(hidden_states)
+        h = attention(hidden_states=h)[0] if bias is None else biased_attention(attention, h, bias)
+        x = self._pitome_merge(run, hidden_states + h, bias, attention.scale)
+        return self._pitome_exit(run, x + self.mlp(self.layer_norm2(x)))
+
+
+def biased_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Fused scaled-dot-product attention of a ``qkv``/``projection`` module with a key bias."""
+    batch, tokens, width = x.shape
+    heads = attention.num_heads
+    q, k, v = attention.qkv(x).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    dropout = attention.dropout.p if attention.training else 0.0
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+                                                     scale=attention.scale)
+    return attention.projection(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
 @dataclass(frozen=True)
 class LayerKind:
     """How to recognise a layer, merge in it, and find its query and key projections."""
@@ -160,6 +113,13 @@ class LayerKind:
     query: str
     key: str
     needs: tuple[str, ...]
+    fused: bool = False  # query and key are the first two thirds of one ``qkv`` projection
+
+    def hook(self, run: StackRun, what: str):
+        part = 0 if what == "queries" else 1
+        if self.fused:
+            return lambda module, args, out: setattr(run, what, out.chunk(3, dim=-1)[part])
+        return lambda module, args, out: setattr(run, what, out)
 
 
 LAYER_KINDS = (
@@ -171,6 +131,8 @@ LAYER_KINDS = (
               "attention.self.key", ("attention", "intermediate", "output")),
     LayerKind(("TransformerBlock",), MergingDistilBertLayer, "attention.q_lin", "attention.k_lin",
               ("attention", "sa_layer_norm", "ffn", "output_layer_norm")),
+    LayerKind(("BlipEncoderLayer",), MergingFusedQKVLayer, "self_attn.qkv", "self_attn.qkv",
+              ("layer_norm1", "self_attn", "layer_norm2", "mlp"), fused=True),
 )
 
 
@@ -185,6 +147,7 @@ class Family:
     margin: MarginSpec
     merge_blocks: tuple[int, ...] | None = None
     presets: dict[str, str] = field(default_factory=dict)
+    cross_attends: bool = False  # a text encoder cross-attends to the merged image tokens
 
 
 # Margins and text settings: SPEC §3 and §5 (the authors' reference values per family).
@@ -204,6 +167,13 @@ FAMILIES = (
            ("vision_model.encoder.layers", "encoder.layers"), 1, CLIP_MARGIN),
     Family("SigLIP vision", ("SiglipVisionModel", "SiglipModel", "SiglipForImageClassification"),
            ("vision_model.encoder.layers", "encoder.layers"), 0, CLIP_MARGIN),
+    Family("BLIP vision", ("BlipForImageTextRetrieval", "BlipVisionModel", "BlipModel"),
+           ("vision_model.encoder.layers", "encoder.layers"), 1, CLIP_MARGIN,
+           cross_attends=True),
+    Family("LLaVA vision tower", ("LlavaForConditionalGeneration", "LlavaModel"),
+           ("model.vision_tower.encoder.layers", "vision_tower.encoder.layers",
+            "model.vision_tower.vision_model.encoder.layers",
+            "vision_tower.vision_model.encoder.layers"), 1, CLIP_MARGIN),
     Family("BERT", ("BertModel", "BertForSequenceClassification"),
            ("encoder.layer", "bert.encoder.layer"), 1, TEXT_MARGIN, (0, 1, 2), TEXT_PRESETS),
     Family("RoBERTa", ("RobertaModel", "RobertaForSequenceClassification"),
@@ -212,6 +182,24 @@ FAMILIES = (
            ("transformer.layer", "distilbert.transformer.layer"), 1, TEXT_MARGIN, (0, 1, 2),
            TEXT_PRESETS),
 )
+
+
+def _cross_attention_sizes(model: nn.Module):
+    """A pre-hook for BLIP's text encoder: cross-attention to merged image tokens gets the
+    same ``log size`` key bias as self-attention (proportional attention)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        info = model.__dict__.get(INFO_ATTR)
+        states = kwargs.get("encoder_hidden_states")
+        mask = kwargs.get("encoder_attention_mask")
+        if info is None or info.sizes is None or states is None or mask is None \
+                or mask.dim() != 2 or info.sizes.shape[:2] != states.shape[:2]:
+            return None  # not the image tokens of this model's last forward
+        blocked = torch.finfo(states.dtype).min
+        bias = torch.where(mask.bool(), info.sizes[..., 0].log(), blocked).to(states.dtype)
+        return args, {**kwargs, "encoder_attention_mask": bias[:, None, None, :]}
+
+    return hook
 
 
 def _attribute(module: nn.Module, path: str) -> nn.Module | None:
@@ -305,13 +293,17 @@ class HuggingFaceAdapter:
         needs_queries = getattr(config.algorithm, "needs_attention", False)
         for index, (layer, kind) in enumerate(zip(layers, kinds)):
             run.hooks.append(_attribute(layer, kind.key).register_forward_hook(
-                lambda module, args, out: setattr(run, "keys", out)))
+                kind.hook(run, "keys")))
             if needs_queries:
                 run.hooks.append(_attribute(layer, kind.query).register_forward_hook(
-                    lambda module, args, out: setattr(run, "queries", out)))
+                    kind.hook(run, "queries")))
             swap_class(layer, kind.mixin)
             layer.__dict__[RUN_ATTR] = run
-            layer.__dict__["_pitome_index"] = index
+            layer.__dict__[INDEX_ATTR] = index
+        text_encoder = getattr(model, "text_encoder", None)
+        if family.cross_attends and text_encoder is not None and config.prop_attn:  # type: ignore[union-attr]
+            run.hooks.append(text_encoder.register_forward_pre_hook(
+                _cross_attention_sizes(model), with_kwargs=True))
         object.__setattr__(model, CONFIG_ATTR, config)
 
     def unpatch(self, model: nn.Module) -> None:
@@ -323,7 +315,7 @@ class HuggingFaceAdapter:
         for layer in layers:
             restore_class(layer)
             layer.__dict__.pop(RUN_ATTR, None)
-            layer.__dict__.pop("_pitome_index", None)
+            layer.__dict__.pop(INDEX_ATTR, None)
         for attr in (CONFIG_ATTR, INFO_ATTR):
             model.__dict__.pop(attr, None)
 
