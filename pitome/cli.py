@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("algorithms", help="list the registered merging algorithms")
 
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(commands)
+
     def model_options(command: argparse.ArgumentParser, default_model: str) -> None:
         command.add_argument("--model", default=default_model,
                              help="timm model name (default: %(default)s)")
@@ -246,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_spectrum(args)
     if args.command == "visualize":
         return run_visualize(args)
+    if args.command == "eval":
+        from .cli_eval import run_eval
+
+        return run_eval(args)
     parser.print_help()
     return 0
 

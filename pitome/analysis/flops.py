@@ -152,8 +152,9 @@ def flops(model: nn.Module, inputs) -> FlopsReport:
 
 
 def counted_flops(model: nn.Module, inputs) -> int:
-    """FLOPs of one forward as ``torch.utils.flop_counter`` counts them, per image.
+    """FLOPs of one forward as ``torch.utils.flop_counter`` counts them, per example.
 
+    ``inputs`` is a batch tensor or a dict of keyword inputs (e.g. a tokenizer's output).
     Attention runs through the math backend here: the counter does not see every fused
     kernel (the CPU flash kernel, for one), while it counts the math path's products.
     """
@@ -163,5 +164,10 @@ def counted_flops(model: nn.Module, inputs) -> int:
 
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
-        model(inputs)
-    return counter.get_total_flops() // inputs.shape[0]
+        if isinstance(inputs, torch.Tensor):
+            model(inputs)
+            batch = inputs.shape[0]
+        else:
+            model(**inputs)
+            batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+    return counter.get_total_flops() // batch

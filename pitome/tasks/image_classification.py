@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,3 +111,107 @@ def kl_per_image(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``KL(softmax(reference) ‖ softmax(logits))`` of every row, in nats."""
     return F.kl_div(logits.float().log_softmax(-1), reference.float().log_softmax(-1),
                     log_target=True, reduction="none").sum(-1)
+
+
+def decode(item: LabelledImage, transform) -> torch.Tensor | str:
+    """The preprocessed image, or the reason it could not be read."""
+    image_module = require("PIL.Image", "eval")
+    try:
+        with image_module.open(item.path) as image:
+            return transform(image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def class_count(model: nn.Module) -> int | None:
+    count = getattr(model, "num_classes", None)
+    if isinstance(count, int) and count > 0:
+        return count
+    head = getattr(model, "head", None)
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def check_labels(items: list[LabelledImage], model: nn.Module) -> None:
+    """Refuse labels the model cannot predict before an hour is spent on them."""
+    count = class_count(model)
+    bad = [item for item in items if item.label < 0 or count is not None and item.label >= count]
+    if bad:
+        raise ValueError(f"{len(bad)} label(s) outside the model's {count} classes, e.g. "
+                         f"{bad[0].label} for {bad[0].path}")
+
+
+class ImageNetEvaluation:
+    """Top-1, top-5, GFLOPs and img/s of one model on a labelled image folder, per cell.
+
+    Decoded images are kept in memory across cells when there are at most ``cache_limit``
+    of them; an image that fails to decode is reported once and left out of every cell.
+    """
+
+    columns = (("top1", "top-1 %", ".2f"), ("top5", "top-5 %", ".2f"),
+               ("gflops", "GFLOPs", ".3f"), ("images_per_second", "img/s", ".1f"),
+               ("examples", "images", "d"))
+    metric, metric_label = "top1", "top-1 accuracy (%)"
+
+    def __init__(self, model: nn.Module, items: list[LabelledImage], processes,
+                 batch_size: int = 64, cache_limit: int = 2000, dtype: torch.dtype | None = None,
+                 title: str = "", setup: dict | None = None):
+        check_labels(items, model)
+        self.title, self.setup = title, {"images": len(items), **(setup or {})}
+        self.model, self.items, self.processes = model, items, processes
+        self.batch_size, self.dtype = batch_size, dtype
+        self.transform = model_transform(model)
+        self.cache: dict[int, torch.Tensor | str] | None = {} if len(items) <= cache_limit else None
+        self.reported: set[int] = set()
+
+    def _image(self, index: int) -> torch.Tensor | str:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        image = decode(self.items[index], self.transform)
+        if self.cache is not None:
+            self.cache[index] = image
+        if isinstance(image, str) and index not in self.reported:
+            self.reported.add(index)
+            print(f"pitome: skipped {self.items[index].path} ({image})", file=sys.stderr)
+        return image
+
+    def __call__(self, cell) -> dict:
+        from ..analysis.flops import flops
+        from .runner import Stopwatch, apply_cell, progress, throughput
+
+        apply_cell(self.model, cell)
+        device = self.processes.device
+        shard = self.processes.shard(self.items)
+        stopwatch, records, skipped = Stopwatch(device), [], []
+        starts = range(0, len(shard), self.batch_size)
+        for start in progress(starts, self.processes, cell.key, total=len(starts)):
+            indices, tensors = [], []
+            for index in shard[start:start + self.batch_size]:
+                image = self._image(index)
+                if isinstance(image, str):
+                    skipped.append(str(self.items[index].path))
+                else:
+                    indices.append(index)
+                    tensors.append(image)
+            if not tensors:
+                continue
+            batch = torch.stack(tensors).to(device, self.dtype or torch.float32)
+            with torch.no_grad(), torch.autocast(device.type, self.dtype or torch.float32,
+                                                 enabled=self.dtype is not None):
+                logits = stopwatch(lambda: self.model(batch), len(indices))
+            top5 = logits.float().topk(5, dim=-1).indices.cpu().tolist()
+            records += [(index, self.items[index].label, best) for index, best in zip(indices, top5)]
+        gathered = self.processes.gather([(records, skipped, stopwatch.examples, stopwatch.seconds)])
+        if not self.processes.is_main:
+            return {}
+        records = sorted(r for part in gathered for r in part[0])
+        skipped = sorted(s for part in gathered for s in part[1])
+        if not records:
+            raise ValueError("no image could be evaluated")
+        top1 = 100.0 * sum(label == best[0] for _, label, best in records) / len(records)
+        top5 = 100.0 * sum(label in best for _, label, best in records) / len(records)
+        example = torch.zeros(1, 3, *self.model.patch_embed.img_size, device=device)
+        with torch.autocast(device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
+            gflops = flops(self.model, example).total_macs / 1e9
+        return {"top1": top1, "top5": top5, "gflops": gflops,
+                "images_per_second": throughput([(p[2], p[3]) for p in gathered]),
+                "examples": len(records), "skipped": skipped}

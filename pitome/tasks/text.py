@@ -47,3 +47,169 @@ def embed_sentences(model: nn.Module, tokenizer, sentences: Sequence[str], batch
         pooled = mean_pooled(model, hidden, inputs["attention_mask"])
         out.append(nn.functional.normalize(pooled, dim=-1) if normalize else pooled)
     return torch.cat(out)
+
+
+def read_labelled_text(source: str, text_column: str = "sentence", label_column: str = "label",
+                       limit: int | None = None) -> tuple[list[str], list[int]]:
+    """Texts and integer labels from a TSV/CSV file, or ``NAME[/CONFIG]:SPLIT`` of the
+    Hugging Face hub (needs the ``datasets`` package and a reachable hub)."""
+    path = Path(source)
+    if path.is_file():
+        import csv
+
+        delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
+                                       if delimiter == "\t" else csv.QUOTE_MINIMAL))
+    elif ":" in source and not path.suffix:
+        datasets = require("datasets", "eval")
+        name, split = source.rsplit(":", 1)
+        rows = list(datasets.load_dataset(*name.split("/", 1), split=split))
+    else:
+        raise FileNotFoundError(f"no text file at {source} (or give a hub dataset as "
+                                "NAME[/CONFIG]:SPLIT)")
+    if not rows:
+        raise ValueError(f"{source} holds no examples")
+    missing = {text_column, label_column} - set(rows[0])
+    if missing:
+        raise ValueError(f"{source} has no column(s) {sorted(missing)}; its columns are "
+                         f"{sorted(rows[0])} (use --text-column/--label-column)")
+    rows = rows[:limit] if limit is not None else rows
+    return [str(row[text_column]).strip() for row in rows], [int(row[label_column]) for row in rows]
+
+
+class LogisticProbe:
+    """Multinomial logistic regression on standardised features, fitted by L-BFGS."""
+
+    def __init__(self, weight_decay: float = 1e-3, steps: int = 200) -> None:
+        self.weight_decay, self.steps = weight_decay, steps
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> LogisticProbe:
+        features = features.double()
+        self.mean, self.std = features.mean(0), features.std(0).clamp_min(1e-6)
+        x = (features - self.mean) / self.std
+        classes = int(labels.max()) + 1
+        self.weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+        self.bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], max_iter=self.steps,
+                                      line_search_fn="strong_wolfe")
+
+        def loss() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = nn.functional.cross_entropy(x @ self.weight + self.bias, labels) \
+                + self.weight_decay * self.weight.pow(2).sum()
+            value.backward()
+            return value
+
+        optimizer.step(loss)
+        return self
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.double() - self.mean) / self.std
+        return (x @ self.weight + self.bias).argmax(dim=-1)
+
+
+class TextEvaluation:
+    """Accuracy of a sequence classifier, or of a sentence encoder through a probe, per cell."""
+
+    columns = (("accuracy", "accuracy %", ".2f"), ("gflops", "GFLOPs", ".4f"),
+               ("examples_per_second", "ex/s", ".1f"), ("examples", "examples", "d"))
+    metric, metric_label = "accuracy", "accuracy (%)"
+
+    def __init__(self, model: nn.Module, tokenizer, texts: list[str], labels: list[int],
+                 processes, probe: LogisticProbe | None = None, batch_size: int = 32,
+                 max_length: int = 128, dtype: torch.dtype | None = None, title: str = "",
+                 setup: dict | None = None) -> None:
+        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+        if probe is None and num_labels is not None and max(labels) >= num_labels:
+            raise ValueError(f"label {max(labels)} is outside the model's {num_labels} labels")
+        if probe is None and not hasattr(model, "classifier"):
+            raise ValueError(f"{type(model).__name__} has no classification head: pass a "
+                             "...ForSequenceClassification checkpoint or fit a probe with "
+                             "--probe-train")
+        tokenizer.padding_side = "right"
+        self.model, self.tokenizer, self.texts, self.labels = model, tokenizer, texts, labels
+        self.processes, self.probe, self.batch_size = processes, probe, batch_size
+        self.max_length, self.dtype = max_length, dtype
+        self.title, self.setup = title, {"examples": len(texts), **(setup or {})}
+
+    def _inputs(self, texts: Sequence[str]) -> dict:
+        return self.tokenizer(list(texts), padding=True, truncation=True,
+                              max_length=self.max_length,
+                              return_tensors="pt").to(self.processes.device)
+
+    def _predict(self, texts: Sequence[str]) -> torch.Tensor:
+        inputs = self._inputs(texts)
+        with torch.no_grad(), torch.autocast(self.processes.device.type,
+                                             self.dtype or torch.float32,
+                                             enabled=self.dtype is not None):
+            if self.probe is None:
+                return self.model(**inputs).logits.float().argmax(dim=-1).cpu()
+            hidden = self.model(**inputs).last_hidden_state
+            pooled = nn.functional.normalize(mean_pooled(self.model, hidden,
+                                                         inputs["attention_mask"]), dim=-1)
+        return self.probe.predict(pooled.float().cpu())
+
+    def gflops(self, sample: int = 16) -> float:
+        """Mean FLOPs counter reading of the first ``sample`` texts, one at a time (no
+        padding), as multiply-accumulates."""
+        from ..analysis.flops import counted_flops
+
+        texts = self.texts[:sample]
+        return sum(counted_flops(self.model, self._inputs([text])) for text in texts) \
+            / len(texts) / 2e9
+
+    def __call__(self, cell) -> dict:
+        from .runner import Stopwatch, apply_cell, progress, throughput
+
+        apply_cell(self.model, cell)
+        shard = self.processes.shard(self.texts)
+        stopwatch, records = Stopwatch(self.processes.device), []
+        starts = range(0, len(shard), self.batch_size)
+        for start in progress(starts, self.processes, cell.key, total=len(starts)):
+            indices = shard[start:start + self.batch_size]
+            predictions = stopwatch(lambda: self._predict([self.texts[i] for i in indices]),
+                                    len(indices))
+            records += list(zip(indices, predictions.tolist()))
+        gathered = self.processes.gather([(records, stopwatch.examples, stopwatch.seconds)])
+        if not self.processes.is_main:
+            return {}
+        records = sorted(r for part in gathered for r in part[0])
+        correct = sum(prediction == self.labels[index] for index, prediction in records)
+        return {"accuracy": 100.0 * correct / len(records), "gflops": self.gflops(),
+                "examples_per_second": throughput([(p[1], p[2]) for p in gathered]),
+                "examples": len(records)}
+
+
+def build_text_evaluation(args, processes, dtype) -> TextEvaluation:
+    """The ``pitome eval text`` task from its command-line arguments."""
+    transformers = require("transformers", "hf")
+    if args.model == "minilm":
+        model, tokenizer = load_minilm()
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        architectures = transformers.AutoConfig.from_pretrained(args.model).architectures or []
+        if not args.probe_train and not any(name.endswith("ForSequenceClassification")
+                                            for name in architectures):
+            raise ValueError(f"{args.model} ({', '.join(architectures) or 'no architecture'}) "
+                             "has no classification head: pass a ...ForSequenceClassification "
+                             "checkpoint or fit a probe with --probe-train")
+        loader = transformers.AutoModel if args.probe_train else \
+            transformers.AutoModelForSequenceClassification
+        model = loader.from_pretrained(args.model).eval()
+    model = model.to(processes.device)
+    texts, labels = read_labelled_text(args.data, args.text_column, args.label_column, args.limit)
+    probe = None
+    if args.probe_train:
+        train_texts, train_labels = read_labelled_text(args.probe_train, args.text_column,
+                                                       args.label_column, args.probe_limit)
+        features = embed_sentences(model, tokenizer, train_texts, args.batch_size,
+                                   args.max_length, progress=processes.is_main)
+        probe = LogisticProbe().fit(features.float().cpu(), torch.tensor(train_labels))
+    what = "probe on " + Path(args.probe_train).name if args.probe_train else "its own head"
+    title = (f"{args.model} ({what}) on {len(texts)} examples of {args.data}; GFLOPs = "
+             "multiply-accumulates per example (mean of the first 16, unpadded)")
+    return TextEvaluation(model, tokenizer, texts, labels, processes, probe, args.batch_size,
+                          args.max_length, dtype, title,
+                          {"probe_train": args.probe_train, "probe_limit": args.probe_limit})

@@ -1,0 +1,163 @@
+"""``pitome eval``: the paper's experiments on one's own models and data, one command each.
+
+Every subcommand evaluates a grid of (algorithm, ratio) cells, prints a table, and writes
+``results.json`` (resumable), ``results.csv`` and ``results.png`` (metric against GFLOPs) to
+``--out``. Run it under ``torchrun --nproc_per_node N`` (or ``accelerate launch``) to shard
+the examples over N processes; the metrics are the same as with one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .api import DEFAULT_RATIO
+
+TASKS = ("imagenet", "retrieval", "text", "vqa")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="accuracy, GFLOPs and speed across merge ratios on your data",
+        description=__doc__.split("\n\n")[1] if __doc__ else None)
+    tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    def common(task: argparse.ArgumentParser, default_algos: str = "none,pitome,tome") -> None:
+        task.add_argument("--algo", default=default_algos,
+                          help="comma-separated algorithms, 'none' for the unmerged model "
+                               "(default: %(default)s)")
+        task.add_argument("--ratio", default="0.9,0.925,0.95,0.975",
+                          help="comma-separated keep ratios (default: %(default)s)")
+        task.add_argument("--out", help="output folder (default: results/eval-TASK)")
+        task.add_argument("--batch-size", type=int, default=32)
+        task.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+        task.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                          help="autocast precision (default: fp32)")
+        task.add_argument("--limit", type=int, help="evaluate only the first N examples")
+        task.add_argument("--fresh", action="store_true",
+                          help="ignore finished cells in the output folder")
+        task.add_argument("--no-plot", action="store_true", help="skip results.png")
+
+    imagenet = tasks.add_parser(
+        "imagenet", help="top-1/top-5 of a timm classifier on an image folder",
+        description="An ImageFolder tree (SYNSET/file) with optional classes.tsv, or a "
+                    "labels.tsv of path and label; the model's own timm preprocessing.")
+    imagenet.add_argument("--data", required=True, help="image folder")
+    imagenet.add_argument("--model", required=True, help="timm model name")
+    weights = imagenet.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", metavar="FILE", help="weights file")
+    weights.add_argument("--pretrained", action="store_true", help="download timm weights")
+    imagenet.add_argument("--cache-limit", type=int, default=2000,
+                          help="keep decoded images in memory up to this many (default: 2000)")
+    common(imagenet)
+
+    text = tasks.add_parser(
+        "text", help="accuracy of a text classifier, or of a sentence encoder with a probe",
+        description="TSV/CSV files with a text and a label column (or a Hugging Face dataset "
+                    "as NAME[/CONFIG]:SPLIT when the hub is reachable). A sequence-"
+                    "classification checkpoint is scored as is; with --probe-train, the "
+                    "model is a sentence encoder and a logistic-regression probe is fitted on "
+                    "its unmerged embeddings of that file.")
+    text.add_argument("--data", required=True, help="evaluation file or dataset")
+    text.add_argument("--model", required=True,
+                      help="Hugging Face name or folder; 'minilm' for the bundled "
+                           "all-MiniLM-L6-v2 (pitome[text-model])")
+    text.add_argument("--probe-train", metavar="FILE", help="fit a probe on this file")
+    text.add_argument("--probe-limit", type=int, default=5000,
+                      help="probe training examples used (default: 5000)")
+    text.add_argument("--text-column", default="sentence")
+    text.add_argument("--label-column", default="label")
+    text.add_argument("--max-length", type=int, default=128)
+    common(text)
+
+    retrieval = tasks.add_parser(
+        "retrieval", help="image-text retrieval recall (R@1/5/10 both ways) with CLIP or BLIP",
+        description="A Karpathy-split JSON (dataset_flickr30k.json style, or a list of "
+                    "{image, caption}) and the image folder it refers to.")
+    retrieval.add_argument("--data", required=True, help="annotation JSON")
+    retrieval.add_argument("--images", required=True, help="image folder")
+    retrieval.add_argument("--split", default="test")
+    retrieval.add_argument("--model", required=True, help="Hugging Face CLIP or BLIP name/folder")
+    common(retrieval)
+
+    vqa = tasks.add_parser(
+        "vqa", help="LLaVA-1.5 answers on a JSONL of questions (exact match / option letter)",
+        description="One JSON object per line: image (path), question, answer, and for "
+                    "multiple choice a list of choices (answer: letter, index or text).")
+    vqa.add_argument("--data", required=True, help="questions JSONL")
+    vqa.add_argument("--images", help="folder image paths are relative to (default: the "
+                                      "JSONL's folder)")
+    vqa.add_argument("--model", required=True, help="Hugging Face LLaVA name or folder")
+    vqa.add_argument("--max-new-tokens", type=int, default=16)
+    common(vqa, default_algos="none,pitome")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .tasks.runner import ResultStore, grid, parse_list, run_grid, start_processes, \
+        write_outputs
+
+    processes = start_processes(args.device)
+    try:
+        algos, ratios = parse_list(args.algo), parse_list(args.ratio, float)
+    except ValueError as error:
+        raise SystemExit(f"pitome: bad --ratio list: {error}") from error
+    _check_algos(algos)
+    cells = grid(algos, ratios or [DEFAULT_RATIO])
+    out = Path(args.out or f"results/eval-{args.task}")
+    task = _build_task(args, processes)
+    setup = {"task": args.task, "model": args.model, "data": str(args.data),
+             "limit": args.limit, "dtype": args.dtype, **task.setup}
+    store = ResultStore(out, setup, fresh=args.fresh)
+    run_grid(task, cells, store, processes)
+    if processes.is_main:
+        print(write_outputs(store, cells, task.columns, task.metric, task.metric_label,
+                            task.title, plot=not args.no_plot))
+        print(f"results: {store.path}, {out / 'results.csv'}"
+              + ("" if args.no_plot else f", {out / 'results.png'}"), file=sys.stderr)
+    if processes.world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _check_algos(algos: list[str]) -> None:
+    from .core.registry import available_algorithms
+
+    known = set(available_algorithms()) | {"none"}
+    unknown = [algo for algo in algos if algo.replace("-", "_").lower() not in known]
+    if unknown:
+        raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; available: "
+                         f"{', '.join(sorted(known))}")
+
+
+def _build_task(args: argparse.Namespace, processes):
+    dtype = DTYPES[args.dtype]
+    if args.task == "imagenet":
+        return _imagenet(args, processes, dtype)
+    if args.task == "text":
+        from .tasks.text import build_text_evaluation
+
+        return build_text_evaluation(args, processes, dtype)
+    if args.task == "retrieval":
+        from .tasks.retrieval import build_retrieval_evaluation
+
+        return build_retrieval_evaluation(args, processes, dtype)
+    from .tasks.vqa import build_vqa_evaluation
+
+    return build_vqa_evaluation(args, processes, dtype)
+
+
+def _imagenet(args: argparse.Namespace, processes, dtype):
+    from .models import create_timm_model
+    from .tasks.image_classification import ImageNetEvaluation, read_image_folder
+
+    items = read_image_folder(args.data)[: args.limit]
+    model = create_timm_model(args.model, checkpoint=args.checkpoint,
+                              pretrained=args.pretrained).to(processes.device)
+    title = (f"{args.model} on {len(items)} images of {args.data}; GFLOPs = "
+             "multiply-accumulates per image (timm's convention)")
+    return ImageNetEvaluation(model, items, processes, args.batch_size, args.cache_limit, dtype,
+                              title=title, setup={"checkpoint": args.checkpoint})

@@ -1,0 +1,250 @@
+"""What every ``pitome eval`` task shares: the (algorithm, ratio) grid, resumable results,
+sharding over processes, and the table, JSON, CSV and plot it writes.
+
+A task evaluates one *cell* (an algorithm at a ratio) at a time. Each process evaluates its
+shard of the examples and returns per-example records; rank 0 gathers them in example
+order and computes the metrics, so one process and several give the same numbers. Finished
+cells are saved at once, and a rerun with the same output folder skips them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._optional import require
+
+UNMERGED = "none"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid; ``algo == "none"`` is the unmerged model (ratio 1)."""
+
+    algo: str
+    ratio: float
+
+    @property
+    def key(self) -> str:
+        return UNMERGED if self.algo == UNMERGED else f"{self.algo}@{self.ratio:g}"
+
+
+def grid(algos: Sequence[str], ratios: Sequence[float]) -> list[Cell]:
+    """The unmerged model once, then every algorithm at every ratio."""
+    cells = [Cell(UNMERGED, 1.0)] if UNMERGED in algos else []
+    return cells + [Cell(algo, ratio) for algo in algos if algo != UNMERGED for ratio in ratios]
+
+
+def parse_list(text: str, kind: Callable[[str], Any] = str) -> list:
+    return [kind(item.strip()) for item in text.split(",") if item.strip()]
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among ``world`` evaluating processes (1 without a launcher)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence) -> list[int]:
+        """Indices of the examples this process evaluates (every world-th, from its rank)."""
+        return list(range(self.rank, len(items), self.world))
+
+    def gather(self, records: list) -> list:
+        """Every process's records, concatenated on rank 0 (others get an empty list)."""
+        if self.world == 1:
+            return records
+        distributed = torch.distributed
+        everything: list = [None] * self.world
+        distributed.all_gather_object(everything, records)
+        return [record for part in everything for record in part] if self.is_main else []
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def start_processes(device: str | None = None) -> Processes:
+    """Join the process group that ``torchrun`` or ``accelerate launch`` set up, if any.
+
+    The launcher's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` decide the shard; each process
+    takes the GPU of its local rank (NCCL), or the CPU (gloo) when there is none.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return Processes(device=torch.device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    return Processes(rank, world, torch.device(f"cuda:{local_rank}" if on_gpu else "cpu"))
+
+
+def progress(items: Iterable, processes: Processes, description: str, total: int | None = None):
+    """A progress bar on rank 0's stderr (plain iteration elsewhere or without tqdm)."""
+    if not processes.is_main:
+        return items
+    try:
+        tqdm = require("tqdm", "eval").tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, total=total, file=sys.stderr, leave=False)
+
+
+# ----------------------------------------------------------------------------- results
+class ResultStore:
+    """``results.json`` in the output folder: the setup and one entry per finished cell."""
+
+    def __init__(self, out: str | Path, setup: dict[str, Any], fresh: bool = False) -> None:
+        self.folder = Path(out)
+        self.path = self.folder / "results.json"
+        self.setup = setup
+        self.cells: dict[str, dict[str, Any]] = {}
+        if self.path.is_file() and not fresh:
+            saved = json.loads(self.path.read_text())
+            if saved.get("setup") == setup:
+                self.cells = saved.get("cells", {})
+            else:
+                print(f"pitome: {self.path} holds another setup; starting afresh "
+                      "(it will be overwritten)", file=sys.stderr)
+
+    def done(self, cell: Cell) -> bool:
+        return cell.key in self.cells
+
+    def save(self, cell: Cell, metrics: dict[str, Any]) -> None:
+        self.cells[cell.key] = {"algo": cell.algo, "ratio": cell.ratio, **metrics}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"setup": self.setup, "cells": self.cells}, indent=1))
+        temporary.replace(self.path)
+
+    def rows(self, cells: Sequence[Cell]) -> list[dict[str, Any]]:
+        return [self.cells[cell.key] for cell in cells if cell.key in self.cells]
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` are (key, header, format spec)."""
+    headers = ["algo", "ratio"] + [header for _, header, _ in columns]
+    lines = []
+    for row in rows:
+        cells = [row["algo"], f"{row['ratio']:g}"]
+        for key, _, spec in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, spec))
+        lines.append(cells)
+    widths = [max(len(str(item)) for item in column) for column in zip(headers, *lines)]
+    render = lambda items: "  ".join(str(item).rjust(width)  # noqa: E731
+                                     for item, width in zip(items, widths))
+    return "\n".join([render(headers), "-" * len(render(headers))] + [render(l) for l in lines])
+
+
+def write_outputs(store: ResultStore, cells: Sequence[Cell], columns: Sequence[tuple[str, str, str]],
+                  metric: str, metric_label: str, title: str, plot: bool = True) -> str:
+    """Print nothing; write ``results.csv`` (and ``results.png``), return the table text."""
+    rows = store.rows(cells)
+    keys = ["algo", "ratio"] + [key for key, _, _ in columns]
+    with (store.folder / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if plot:
+        try:
+            plot_metric(rows, metric, metric_label, title, store.folder / "results.png")
+        except ImportError as error:
+            print(f"pitome: no plot ({error})", file=sys.stderr)
+    return f"{title}\n{format_table(rows, columns)}"
+
+
+def plot_metric(rows: Sequence[dict[str, Any]], metric: str, label: str, title: str,
+                path: Path) -> None:
+    """``metric`` against GFLOPs, one line per algorithm, the unmerged model as a star."""
+    matplotlib = require("matplotlib", "plot")
+    matplotlib.use("Agg")
+    pyplot = require("matplotlib.pyplot", "plot")
+    figure, axis = pyplot.subplots(figsize=(6.5, 4.2))
+    for algo in dict.fromkeys(row["algo"] for row in rows):
+        points = sorted((row["gflops"], row[metric]) for row in rows
+                        if row["algo"] == algo and row.get("gflops") is not None)
+        if not points:
+            continue
+        x, y = zip(*points)
+        if algo == UNMERGED:
+            axis.plot(x, y, "k*", markersize=12, label="no merging")
+        else:
+            axis.plot(x, y, marker="o", label=algo)
+    axis.set_xlabel("GFLOPs per example")
+    axis.set_ylabel(label)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)
+
+
+def run_grid(evaluate: Callable[[Cell], dict[str, Any]], cells: Sequence[Cell],
+             store: ResultStore, processes: Processes) -> None:
+    """Evaluate every cell not in ``store`` (all processes take part); rank 0 saves each."""
+    for cell in cells:
+        if store.done(cell):
+            if processes.is_main:
+                print(f"pitome: {cell.key} already in {store.path}, skipped", file=sys.stderr)
+            continue
+        metrics = evaluate(cell)
+        if processes.is_main:
+            store.save(cell, metrics)
+        processes.barrier()
+
+
+def apply_cell(model: torch.nn.Module, cell: Cell, **options: Any) -> None:
+    """Patch ``model`` for ``cell`` (or unpatch it for the unmerged cell)."""
+    from ..api import patch, unpatch
+
+    if cell.algo == UNMERGED:
+        unpatch(model)
+    else:
+        patch(model, algo=cell.algo, ratio=cell.ratio, **options)
+
+
+class Stopwatch:
+    """Wall time of the model's forward passes only (synchronised on GPUs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self.examples = device, 0.0, 0
+
+    def __call__(self, run: Callable[[], Any], examples: int) -> Any:
+        import time
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        out = run()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        self.examples += examples
+        return out
+
+
+def throughput(timings: Sequence[tuple[int, float]]) -> float | None:
+    """Examples per second of processes running side by side: the sum of their rates."""
+    rates = [examples / seconds for examples, seconds in timings if seconds > 0]
+    return sum(rates) if rates else None

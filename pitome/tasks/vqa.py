@@ -1,0 +1,188 @@
+"""Visual question answering with LLaVA-1.5: exact match, or option letters for multiple choice."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._optional import require
+
+LETTERS = string.ascii_uppercase
+ARTICLES = {"a", "an", "the"}
+
+
+@dataclass(frozen=True)
+class Question:
+    image: Path
+    question: str
+    answer: str
+    choices: tuple[str, ...] = ()
+
+
+def read_questions(path: str | Path, image_root: str | Path | None = None,
+                   limit: int | None = None) -> list[Question]:
+    """One JSON object per line: ``image``, ``question``, ``answer`` and optional ``choices``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no questions file at {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    questions = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            questions.append(Question(root / entry["image"], entry["question"],
+                                      str(entry["answer"]), tuple(entry.get("choices", ()))))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}:{number}: need image, question and answer "
+                             f"({type(error).__name__}: {error})") from error
+    return questions[:limit] if limit is not None else questions
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (VQA-style exact match)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return " ".join(word for word in text.split() if word not in ARTICLES)
+
+
+def option_letter(text: str, count: int) -> str | None:
+    """The option letter a reply starts with ("B", "(B)", "B. blue", "Answer: B")."""
+    allowed = LETTERS[:count]
+    match = re.search(rf"(?:^|[\s(:])([{allowed}])(?:$|[\s).:,])", text.strip())
+    return match.group(1) if match else None
+
+
+def correct(question: Question, reply: str) -> bool:
+    """Exact match for open questions; the chosen option for multiple choice, where the
+    answer may be given as a letter, a 0-based index or the option's text."""
+    if not question.choices:
+        return normalize_answer(reply) == normalize_answer(question.answer)
+    answer = question.answer.strip()
+    if answer.isdigit():
+        answer = LETTERS[int(answer)]
+    elif answer not in LETTERS[:len(question.choices)]:
+        answer = LETTERS[[normalize_answer(c) for c in question.choices].index(
+            normalize_answer(answer))]
+    return option_letter(reply, len(question.choices)) == answer
+
+
+def prompt(question: Question) -> str:
+    """LLaVA-1.5's conversation format; options listed as in its ScienceQA evaluation."""
+    text = question.question
+    if question.choices:
+        options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(question.choices))
+        text += f"\n{options}\nAnswer with the option's letter from the given choices directly."
+    else:
+        text += "\nAnswer the question using a single word or phrase."
+    return f"USER: <image>\n{text} ASSISTANT:"
+
+
+class VQAEvaluation:
+    """Accuracy of LLaVA with its vision tower merged, per cell; reports the image tokens the
+    language model saw."""
+
+    columns = (("accuracy", "accuracy %", ".2f"), ("image_tokens", "image tokens", "d"),
+               ("gflops", "GFLOPs", ".1f"), ("examples_per_second", "q/s", ".2f"),
+               ("examples", "questions", "d"))
+    metric, metric_label = "accuracy", "accuracy (%)"
+
+    def __init__(self, model: nn.Module, processor, questions: list[Question], processes,
+                 batch_size: int = 8, max_new_tokens: int = 16, dtype: torch.dtype | None = None,
+                 title: str = "", setup: dict | None = None) -> None:
+        if not hasattr(model, "generate") or not hasattr(model.config, "image_token_id"):
+            raise ValueError(f"{type(model).__name__} is not a LLaVA-style generator")
+        processor.tokenizer.padding_side = "left"
+        self.model, self.processor, self.questions = model, processor, questions
+        self.processes, self.batch_size = processes, batch_size
+        self.max_new_tokens, self.dtype = max_new_tokens, dtype
+        self.title, self.setup = title, {"questions": len(questions), **(setup or {})}
+
+    def _inputs(self, questions: list[Question]) -> tuple[dict | None, list[bool]]:
+        from ..adapters.llava import fit_image_placeholders
+
+        image_module = require("PIL.Image", "eval")
+        pictures, readable = [], []
+        for question in questions:
+            try:
+                with image_module.open(question.image) as image:
+                    pictures.append(image.convert("RGB"))
+                readable.append(True)
+            except (OSError, ValueError, SyntaxError) as error:
+                print(f"pitome: skipped {question.image} ({type(error).__name__}: {error})",
+                      file=sys.stderr)
+                readable.append(False)
+        if not pictures:
+            return None, readable
+        texts = [prompt(q) for q, ok in zip(questions, readable) if ok]
+        inputs = self.processor(images=pictures, text=texts, padding=True, return_tensors="pt")
+        inputs = fit_image_placeholders(self.model, inputs)
+        device = self.processes.device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        if self.dtype is not None:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return inputs, readable
+
+    def _answer(self, inputs: dict) -> list[str]:
+        with torch.no_grad():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                         do_sample=False)
+        new = output[:, inputs["input_ids"].shape[1]:]
+        return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def __call__(self, cell) -> dict:
+        from ..adapters.llava import image_tokens
+        from ..analysis.flops import counted_flops
+        from .runner import Stopwatch, apply_cell, progress, throughput
+
+        apply_cell(self.model, cell)
+        shard = self.processes.shard(self.questions)
+        stopwatch, records, example = Stopwatch(self.processes.device), [], None
+        starts = range(0, len(shard), self.batch_size)
+        for start in progress(starts, self.processes, cell.key, total=len(starts)):
+            indices = shard[start:start + self.batch_size]
+            inputs, readable = self._inputs([self.questions[i] for i in indices])
+            if inputs is None:
+                continue
+            if example is None:
+                example = {key: value[:1] for key, value in inputs.items()}
+            replies = stopwatch(lambda: self._answer(inputs), sum(readable))
+            kept = [index for index, ok in zip(indices, readable) if ok]
+            records += [(index, reply, correct(self.questions[index], reply))
+                        for index, reply in zip(kept, replies)]
+        gathered = self.processes.gather([(records, stopwatch.examples, stopwatch.seconds,
+                                           example)])
+        if not self.processes.is_main:
+            return {}
+        records = sorted(r for part in gathered for r in part[0])
+        if not records:
+            raise ValueError("no question could be answered (no readable image)")
+        example = next(part[3] for part in gathered if part[3] is not None)
+        example = {k: v.to(self.processes.device) for k, v in example.items()}
+        gflops = counted_flops(self.model, example) / 2e9
+        return {"accuracy": 100.0 * sum(r[2] for r in records) / len(records),
+                "image_tokens": image_tokens(self.model), "gflops": gflops,
+                "examples_per_second": throughput([(p[1], p[2]) for p in gathered]),
+                "examples": len(records), "skipped": len(self.questions) - len(records),
+                "replies": [r[1] for r in records[:20]]}
+
+
+def build_vqa_evaluation(args, processes, dtype) -> VQAEvaluation:
+    """The ``pitome eval vqa`` task from its command-line arguments."""
+    transformers = require("transformers", "hf")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(
+        args.model, dtype=dtype or torch.float32).to(processes.device).eval()
+    processor = transformers.AutoProcessor.from_pretrained(args.model)
+    questions = read_questions(args.data, args.images, args.limit)
+    title = (f"{args.model} on {len(questions)} questions of {Path(args.data).name}; GFLOPs = "
+             "multiply-accumulates of the first question's prompt pass")
+    return VQAEvaluation(model, processor, questions, processes, args.batch_size,
+                         args.max_new_tokens, dtype, title,
+                         {"max_new_tokens": args.max_new_tokens})
