@@ -49,7 +49,17 @@ def main() -> None:
             return out[..., :args.dim] / out[..., args.dim:args.dim + 1]
         return run
 
+    from torch.nn.attention.flex_attention import flex_attention
+
+    key_bias = bias[:, 0, 0, :]
+    compiled_flex = torch.compile(flex_attention)
+
+    def add_key_bias(score, b, h, q_idx, kv_idx):
+        return score + key_bias[b, kv_idx]
+
     candidates = {
+        "flex + score_mod (compiled)": lambda: compiled_flex(q, k, v, score_mod=add_key_bias),
+        "flex, no bias (compiled)": lambda: compiled_flex(q, k, v),
         "no bias (floor)": lambda: F.scaled_dot_product_attention(q, k, v),
         "bias, default": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
         "bias, efficient": with_backend(SDPBackend.EFFICIENT_ATTENTION),

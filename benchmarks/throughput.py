@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also measure every variant under torch.compile (+ CUDA graph)")
     parser.add_argument("--only", type=int, nargs="+", help="run only these rows of the grid")
+    parser.add_argument("--modes", nargs="+", help="run only these modes (e.g. 'compile + "
+                        "CUDA graph')")
     parser.add_argument("--json", help="write every row and the environment to this file")
     args = parser.parse_args()
 
@@ -80,6 +82,8 @@ def main() -> None:
         modes.append(("compile", False, True))
         if device.type == "cuda":
             modes.append(("compile + CUDA graph", True, True))
+    if args.modes:
+        modes = [mode for mode in modes if mode[0] in args.modes]
     print("| model | batch | ratio | mode | algo | tokens out | img/s | vs unpatched | vs oracle "
           "| peak MiB |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for (name, batch, ratio), (mode, graphed, compiled) in itertools.product(grid, modes):

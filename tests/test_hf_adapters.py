@@ -325,6 +325,9 @@ def _llava():
     return model, dict(input_ids=ids, attention_mask=mask, pixel_values=images(2))
 
 
+@pytest.mark.skipif(hasattr(transformers.LlavaForConditionalGeneration,
+                            "_merge_input_ids_with_image_features"),
+                    reason="transformers < 4.48 expands image placeholders itself; pitome refuses")
 def test_llava_generates_with_fewer_image_tokens():
     from pitome.adapters.llava import fit_image_placeholders, image_tokens
 

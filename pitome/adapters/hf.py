@@ -1,5 +1,5 @@
-"""Hugging Face transformers 5.x: ViT, DeiT, CLIP, SigLIP and BLIP vision towers, BERT, RoBERTa,
-DistilBERT.
+"""Hugging Face transformers 4.x and 5.x: ViT, DeiT, CLIP, SigLIP and BLIP vision towers, BERT,
+RoBERTa, DistilBERT.
 
 Each patched layer composes the layer's own submodules (norms, the attention module, the
 MLP) and merges between attention and MLP; the attention module is still the library's own,
@@ -12,10 +12,19 @@ The model's own forward stays in charge: it loops over the layers and builds its
 classes; the layers hand one :class:`MergeState` from the first to the last through the
 :class:`StackRun` they share. The first layer starts it (reading the padding from the mask
 the model built), the last records :func:`pitome.merge_info` and lets it go.
+
+transformers 4.x differs in three ways, each handled per layer rather than per version: layers
+whose forward takes ``output_attentions`` return ``(hidden_states,)``; ViT/DeiT layers keep the
+attention in ``attention.attention`` with an output projection and a separate MLP
+(``intermediate``/``output``); and ViT/DeiT and DistilBERT attention modules take no additive
+mask. Those layers call their attention module with the model's own mask while no token has
+merged (so nothing changes), and afterwards run scaled-dot-product attention from the module's
+own projections with pitome's key bias.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +36,7 @@ from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, re
     swap_class
 from .stack import INDEX_ATTR, RUN_ATTR, MergingLayer, StackRun
 
-TESTED = "transformers 5.24"
+TESTED = "transformers 4.45, 4.57 and 5.24"
 
 
 class MergingPreNormLayer(MergingLayer):
@@ -38,11 +47,10 @@ class MergingPreNormLayer(MergingLayer):
         run, state = self._pitome_enter(hidden_states, attention_mask)
         bias = state.attention_bias(hidden_states.dtype)
         norm1, attention, norm2 = self._pitome_parts()
-        h, _ = attention(norm1(hidden_states), attention_mask=bias)
+        h = attention(norm1(hidden_states), attention_mask=bias)[0]
         dropout = getattr(self, "dropout", None)
         x = hidden_states + (dropout(h) if dropout is not None else h)
-        x = self._pitome_merge(run, x, bias, attention.scaling if hasattr(attention, "scaling")
-                               else attention.scale)
+        x = self._pitome_merge(run, x, bias, _scale(attention, x.shape[-1]))
         h = self.mlp(norm2(x))
         x = x + (dropout(h) if dropout is not None else h)
         return self._pitome_exit(run, x)
@@ -60,8 +68,8 @@ class MergingBertLayer(MergingLayer):
                 *args, **kwargs) -> torch.Tensor:
         run, state = self._pitome_enter(hidden_states, attention_mask)
         bias = state.attention_bias(hidden_states.dtype)
-        x, _ = self.attention(hidden_states, bias)
-        x = self._pitome_merge(run, x, bias, self.attention.self.scaling)
+        x = self.attention(hidden_states, bias)[0]
+        x = self._pitome_merge(run, x, bias, _scale(self.attention.self, x.shape[-1]))
         return self._pitome_exit(run, self.feed_forward_chunk(x))
 
 
@@ -75,6 +83,45 @@ class MergingDistilBertLayer(MergingLayer):
         h, _ = self.attention(hidden_states, attention_mask=bias)
         x = self.sa_layer_norm(h + hidden_states)
         x = self._pitome_merge(run, x, bias, self.attention.scaling)
+        return self._pitome_exit(run, self.output_layer_norm(self.ffn(x) + x))
+
+
+class MergingViTOutputLayer(MergingLayer):
+    """ViT/DeiT in transformers 4.x: pre-norm attention (self-attention and its ``output``
+    projection), merge, ``intermediate`` and ``output`` (which adds the residual)."""
+
+    def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None,
+                *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor]:
+        run, state = self._pitome_enter(hidden_states, None)
+        bias = state.attention_bias(hidden_states.dtype)
+        inner = self.attention.attention
+        h = self.layernorm_before(hidden_states)
+        if self._pitome_unmerged(run, hidden_states):
+            h = self.attention(h, head_mask)
+            h = h[0] if isinstance(h, tuple) else h
+        else:
+            h = self.attention.output(projected_attention(inner, h, bias, inner.query, inner.key,
+                                                          inner.value), h)
+        x = self._pitome_merge(run, hidden_states + h, bias, _scale(inner, h.shape[-1]))
+        return self._pitome_exit(run, self.output(self.intermediate(self.layernorm_after(x)), x))
+
+
+class MergingDistilBertMaskLayer(MergingLayer):
+    """DistilBERT's ``TransformerBlock`` in transformers 4.x, whose attention takes
+    ``(query, key, value, mask)``; the block otherwise as :class:`MergingDistilBertLayer`."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *args, **kwargs
+                ) -> tuple[torch.Tensor]:
+        run, state = self._pitome_enter(x, attn_mask)
+        bias = state.attention_bias(x.dtype)
+        attention = self.attention
+        if self._pitome_unmerged(run, x):
+            h = attention(x, x, x, attn_mask)[0]
+        else:
+            h = attention.out_lin(projected_attention(attention, x, bias, attention.q_lin,
+                                                      attention.k_lin, attention.v_lin))
+        x = self.sa_layer_norm(h + x)
+        x = self._pitome_merge(run, x, bias, _scale(attention, x.shape[-1]))
         return self._pitome_exit(run, self.output_layer_norm(self.ffn(x) + x))
 
 
@@ -98,10 +145,54 @@ def biased_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor) 
     batch, tokens, width = x.shape
     heads = attention.num_heads
     q, k, v = attention.qkv(x).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    dropout = attention.dropout.p if attention.training else 0.0
-    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                     dropout_p=_dropout(attention),
                                                      scale=attention.scale)
     return attention.projection(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+def projected_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+                        query: nn.Module, key: nn.Module, value: nn.Module) -> torch.Tensor:
+    """Scaled-dot-product attention over ``attention``'s own query, key and value projections
+    with a key bias, before the output projection (``B×T×width``)."""
+    batch, tokens, _ = x.shape
+    heads = _head_count(attention)
+    q, k, v = (project(x).view(batch, tokens, heads, -1).transpose(1, 2)
+               for project in (query, key, value))
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                     dropout_p=_dropout(attention),
+                                                     scale=_scale(attention, x.shape[-1]))
+    return out.transpose(1, 2).reshape(batch, tokens, -1)
+
+
+def _head_count(attention: nn.Module) -> int | None:
+    for name in ("num_attention_heads", "num_heads", "n_heads"):
+        value = getattr(attention, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _scale(attention: nn.Module, width: int) -> float:
+    """The attention's query-key scale (transformers 4.x leaves it implicit in some models)."""
+    for name in ("scaling", "scale"):
+        value = getattr(attention, name, None)
+        if isinstance(value, float):
+            return value
+    return (width // _head_count(attention)) ** -0.5
+
+
+def _dropout(attention: nn.Module) -> float:
+    """The attention-probability dropout of ``attention`` (0 in eval mode)."""
+    if not attention.training:
+        return 0.0
+    for name in ("dropout", "dropout_prob", "attention_probs_dropout_prob"):
+        value = getattr(attention, name, None)
+        if isinstance(value, nn.Dropout):
+            return value.p
+        if isinstance(value, float):
+            return value
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +205,7 @@ class LayerKind:
     key: str
     needs: tuple[str, ...]
     fused: bool = False  # query and key are the first two thirds of one ``qkv`` projection
+    takes: str | None = None  # a parameter the layer's forward names (tells versions apart)
 
     def hook(self, run: StackRun, what: str):
         part = 0 if what == "queries" else 1
@@ -125,10 +217,16 @@ class LayerKind:
 LAYER_KINDS = (
     LayerKind(("ViTLayer", "DeiTLayer"), MergingPreNormLayer, "attention.q_proj",
               "attention.k_proj", ("layernorm_before", "attention", "layernorm_after", "mlp")),
+    LayerKind(("ViTLayer", "DeiTLayer"), MergingViTOutputLayer, "attention.attention.query",
+              "attention.attention.key",
+              ("layernorm_before", "attention", "layernorm_after", "intermediate", "output")),
     LayerKind(("CLIPEncoderLayer", "SiglipEncoderLayer"), MergingPreNormLayer, "self_attn.q_proj",
               "self_attn.k_proj", ("layer_norm1", "self_attn", "layer_norm2", "mlp")),
     LayerKind(("BertLayer", "RobertaLayer"), MergingBertLayer, "attention.self.query",
               "attention.self.key", ("attention", "intermediate", "output")),
+    LayerKind(("TransformerBlock",), MergingDistilBertMaskLayer, "attention.q_lin",
+              "attention.k_lin", ("attention", "sa_layer_norm", "ffn", "output_layer_norm"),
+              takes="attn_mask"),
     LayerKind(("TransformerBlock",), MergingDistilBertLayer, "attention.q_lin", "attention.k_lin",
               ("attention", "sa_layer_norm", "ffn", "output_layer_norm")),
     LayerKind(("BlipEncoderLayer",), MergingFusedQKVLayer, "self_attn.qkv", "self_attn.qkv",
@@ -157,11 +255,11 @@ TEXT_MARGIN = LinearMargin(0.9, 0.25)
 TEXT_PRESETS = {"pitome": "pitome_text"}
 
 FAMILIES = (
-    Family("ViT", ("ViTModel", "ViTForImageClassification"), ("layers", "vit.layers"), 1,
-           VISION_MARGIN),
+    Family("ViT", ("ViTModel", "ViTForImageClassification"),
+           ("layers", "vit.layers", "encoder.layer", "vit.encoder.layer"), 1, VISION_MARGIN),
     Family("DeiT", ("DeiTModel", "DeiTForImageClassification",
-                    "DeiTForImageClassificationWithTeacher"), ("layers", "deit.layers"), 2,
-           VISION_MARGIN),
+                    "DeiTForImageClassificationWithTeacher"),
+           ("layers", "deit.layers", "encoder.layer", "deit.encoder.layer"), 2, VISION_MARGIN),
     Family("CLIP vision", ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel",
                            "CLIPForImageClassification"),
            ("vision_model.encoder.layers", "encoder.layers"), 1, CLIP_MARGIN),
@@ -202,6 +300,33 @@ def _cross_attention_sizes(model: nn.Module):
     return hook
 
 
+def _additive_cross_attention_masks(layers: nn.ModuleList, text_encoder: nn.Module) -> list:
+    """transformers 4.x: BLIP's text encoder takes only a 0/1 encoder mask, so a 4-D additive
+    one (as the hook above makes) is held back and handed to every cross-attention module."""
+    held: dict[str, torch.Tensor] = {}
+
+    def hold(module: nn.Module, args: tuple, kwargs: dict):
+        mask = kwargs.get("encoder_attention_mask")
+        held.pop("bias", None)
+        if mask is None or mask.dim() != 4:
+            return None
+        held["bias"] = mask
+        return args, {**kwargs, "encoder_attention_mask": None}
+
+    def hand(module: nn.Module, args: tuple, kwargs: dict):
+        if "bias" not in held:
+            return None
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        name = "encoder_attention_mask" if "encoder_attention_mask" in bound.signature.parameters \
+            else "attention_mask"
+        bound.arguments[name] = held["bias"]
+        return bound.args, bound.kwargs
+
+    return [text_encoder.register_forward_pre_hook(hold, with_kwargs=True)] + [
+        layer.crossattention.register_forward_pre_hook(hand, with_kwargs=True)
+        for layer in layers if hasattr(layer, "crossattention")]
+
+
 def _attribute(module: nn.Module, path: str) -> nn.Module | None:
     for name in path.split("."):
         module = getattr(module, name, None)
@@ -210,21 +335,25 @@ def _attribute(module: nn.Module, path: str) -> nn.Module | None:
     return module
 
 
+def _forward_parameters(layer: nn.Module) -> set[str]:
+    return set(inspect.signature(type(layer).forward).parameters)
+
+
 def _layer_kind(layer: nn.Module) -> LayerKind | None:
     names = class_names(layer)
     for kind in LAYER_KINDS:
         if names & set(kind.classes) and all(hasattr(layer, part) for part in kind.needs) \
-                and _attribute(layer, kind.key) is not None:
+                and _attribute(layer, kind.key) is not None \
+                and (kind.takes is None or kind.takes in _forward_parameters(layer)):
             return kind
     return None
 
 
 def _heads(model: nn.Module, layer: nn.Module, kind: LayerKind) -> int:
     attention = _attribute(layer, kind.key.rsplit(".", 1)[0])
-    for name in ("num_attention_heads", "num_heads", "n_heads"):
-        value = getattr(attention, name, None)
-        if isinstance(value, int):
-            return value
+    value = _head_count(attention)
+    if value is not None:
+        return value
     config = getattr(attention, "config", None) or getattr(model, "config", None)
     for name in ("num_attention_heads", "n_heads"):
         value = getattr(config, name, None)
@@ -273,6 +402,11 @@ class HuggingFaceAdapter:
             f"(pitome is tested with {TESTED})", supported_lines())
 
     def check(self, model: nn.Module, layers: nn.ModuleList) -> list[LayerKind]:
+        if hasattr(model, "_merge_input_ids_with_image_features"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} of transformers < 4.48, whose legacy expansion of image "
+                f"placeholders cannot take merged image tokens (pitome is tested with {TESTED})",
+                supported_lines())
         kinds = []
         for index, layer in enumerate(layers):
             kind = _layer_kind(layer)
@@ -290,6 +424,8 @@ class HuggingFaceAdapter:
         kinds = self.check(model, layers)
         run = StackRun(model, config, family.num_prefix,  # type: ignore[union-attr]
                        _heads(model, layers[0], kinds[0]), len(layers))
+        # transformers 4.x: layers that can output attentions return tuples
+        run.returns_tuple = "output_attentions" in _forward_parameters(layers[0])
         needs_queries = getattr(config.algorithm, "needs_attention", False)
         for index, (layer, kind) in enumerate(zip(layers, kinds)):
             run.hooks.append(_attribute(layer, kind.key).register_forward_hook(
@@ -304,6 +440,9 @@ class HuggingFaceAdapter:
         if family.cross_attends and text_encoder is not None and config.prop_attn:  # type: ignore[union-attr]
             run.hooks.append(text_encoder.register_forward_pre_hook(
                 _cross_attention_sizes(model), with_kwargs=True))
+            text_layers = _attribute(text_encoder, "encoder.layer") or []
+            if len(text_layers) and "output_attentions" in _forward_parameters(text_layers[0]):
+                run.hooks += _additive_cross_attention_masks(text_layers, text_encoder)
         object.__setattr__(model, CONFIG_ATTR, config)
 
     def unpatch(self, model: nn.Module) -> None:

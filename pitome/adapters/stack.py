@@ -32,6 +32,7 @@ class StackRun:
         self.keys: torch.Tensor | None = None
         self.queries: torch.Tensor | None = None
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self.returns_tuple = False  # the layers' callers expect ``(hidden_states,)``
 
     def begin(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> MergeState:
         self.tokens_in = x.shape[1]
@@ -63,13 +64,11 @@ def real_tokens(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tenso
     """``B×T`` True for real tokens, from a 2-D 0/1 mask or a 4-D boolean or additive mask."""
     if attention_mask is None:
         return None
-    mask = attention_mask
-    if mask.dim() == 4:
-        mask = mask[:, 0, 0, :]
+    flat = attention_mask.dim() == 2
+    mask = attention_mask if flat else attention_mask[:, 0, 0, :]
     if mask.shape[-1] != tokens:
         raise ValueError(f"attention mask covers {mask.shape[-1]} tokens, the input has {tokens}")
-    return mask.bool() if mask.dtype == torch.bool or mask.dim() == 2 and mask.max() <= 1 \
-        else mask == 0
+    return mask.bool() if mask.dtype == torch.bool or flat and mask.max() <= 1 else mask == 0
 
 
 class MergingLayer:
@@ -88,7 +87,11 @@ class MergingLayer:
         metric = run.head_mean(run.keys) if state.config.metric == "keys" else x
         return state.merge(x, metric, self.__dict__[INDEX_ATTR], run.received(bias, scale))
 
-    def _pitome_exit(self, run: StackRun, x: torch.Tensor) -> torch.Tensor:
+    def _pitome_unmerged(self, run: StackRun, x: torch.Tensor) -> bool:
+        """Whether no token has merged yet, so the mask the model built still fits ``x``."""
+        return x.shape[1] == run.tokens_in
+
+    def _pitome_exit(self, run: StackRun, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor]:
         if self.__dict__[INDEX_ATTR] == run.num_layers - 1:
             run.finish()
-        return x
+        return (x,) if run.returns_tuple else x

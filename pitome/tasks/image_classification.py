@@ -115,12 +115,10 @@ def kl_per_image(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def decode(item: LabelledImage, transform) -> torch.Tensor | str:
     """The preprocessed image, or the reason it could not be read."""
-    image_module = require("PIL.Image", "eval")
-    try:
-        with image_module.open(item.path) as image:
-            return transform(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as error:
-        return f"{type(error).__name__}: {error}"
+    from .runner import open_rgb
+
+    picture = open_rgb(item.path)
+    return picture if isinstance(picture, str) else transform(picture)
 
 
 def class_count(model: nn.Module) -> int | None:

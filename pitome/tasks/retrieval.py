@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,16 +135,9 @@ class RetrievalEvaluation:
         return nn.functional.normalize(out.float(), dim=-1).cpu()
 
     def _pixels(self, paths: list[Path]) -> tuple[torch.Tensor | None, list[bool]]:
-        image_module = require("PIL.Image", "eval")
-        pictures, readable = [], []
-        for path in paths:
-            try:
-                with image_module.open(path) as image:
-                    pictures.append(image.convert("RGB"))
-                readable.append(True)
-            except (OSError, ValueError, SyntaxError) as error:
-                print(f"pitome: skipped {path} ({type(error).__name__}: {error})", file=sys.stderr)
-                readable.append(False)
+        from .runner import read_pictures
+
+        pictures, readable = read_pictures(paths)
         if not pictures:
             return None, readable
         pixels = self.image_processor(images=pictures, return_tensors="pt")["pixel_values"]

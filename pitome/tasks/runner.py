@@ -98,6 +98,30 @@ def start_processes(device: str | None = None) -> Processes:
     return Processes(rank, world, torch.device(f"cuda:{local_rank}" if on_gpu else "cpu"))
 
 
+def open_rgb(path: str | Path):
+    """The image at ``path`` as RGB, or a one-line reason why it cannot be read."""
+    image_module = require("PIL.Image", "eval")
+    try:
+        with image_module.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def read_pictures(paths: Sequence[str | Path]) -> tuple[list, list[bool]]:
+    """The readable images among ``paths`` and which ones they were; the others are
+    reported on stderr (one bad sample must not end a long evaluation)."""
+    pictures, readable = [], []
+    for path in paths:
+        picture = open_rgb(path)
+        readable.append(not isinstance(picture, str))
+        if isinstance(picture, str):
+            print(f"pitome: skipped {path} ({picture})", file=sys.stderr)
+        else:
+            pictures.append(picture)
+    return pictures, readable
+
+
 def progress(items: Iterable, processes: Processes, description: str, total: int | None = None):
     """A progress bar on rank 0's stderr (plain iteration elsewhere or without tqdm)."""
     if not processes.is_main:

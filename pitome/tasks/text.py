@@ -62,7 +62,7 @@ def read_labelled_text(source: str, text_column: str = "sentence", label_column:
             rows = list(csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
                                        if delimiter == "\t" else csv.QUOTE_MINIMAL))
     elif ":" in source and not path.suffix:
-        datasets = require("datasets", "eval")
+        datasets = require("datasets", "hub")
         name, split = source.rsplit(":", 1)
         rows = list(datasets.load_dataset(*name.split("/", 1), split=split))
     else:

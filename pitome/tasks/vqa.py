@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import string
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,18 +106,9 @@ class VQAEvaluation:
 
     def _inputs(self, questions: list[Question]) -> tuple[dict | None, list[bool]]:
         from ..adapters.llava import fit_image_placeholders
+        from .runner import read_pictures
 
-        image_module = require("PIL.Image", "eval")
-        pictures, readable = [], []
-        for question in questions:
-            try:
-                with image_module.open(question.image) as image:
-                    pictures.append(image.convert("RGB"))
-                readable.append(True)
-            except (OSError, ValueError, SyntaxError) as error:
-                print(f"pitome: skipped {question.image} ({type(error).__name__}: {error})",
-                      file=sys.stderr)
-                readable.append(False)
+        pictures, readable = read_pictures([question.image for question in questions])
         if not pictures:
             return None, readable
         texts = [prompt(q) for q, ok in zip(questions, readable) if ok]
