@@ -100,7 +100,7 @@ class RetrievalEvaluation:
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
         self.data, self.processes, self.batch_size, self.dtype = data, processes, batch_size, dtype
         self.title, self.setup = title, {"images": len(data.images), **(setup or {})}
-        self.text_features = self._embed_texts()
+        self.text_features: torch.Tensor | None = None  # merging leaves them as they are
 
     def _autocast(self):
         return torch.autocast(self.processes.device.type, self.dtype or torch.float32,
@@ -147,6 +147,8 @@ class RetrievalEvaluation:
         from ..analysis.flops import counted_flops
         from .runner import Stopwatch, apply_cell, progress, throughput
 
+        if self.text_features is None:
+            self.text_features = self._embed_texts()
         apply_cell(self.model, cell)
         shard = self.processes.shard(self.data.images)
         stopwatch, records, example = Stopwatch(self.processes.device), [], None

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +217,7 @@ def plot_metric(rows: Sequence[dict[str, Any]], metric: str, label: str, title: 
             axis.plot(x, y, marker="o", label=algo)
     axis.set_xlabel("GFLOPs per example")
     axis.set_ylabel(label)
-    axis.set_title(title, fontsize=9)
+    axis.set_title(textwrap.fill(title, 90), fontsize=8)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -118,19 +118,20 @@ class TextEvaluation:
     metric, metric_label = "accuracy", "accuracy (%)"
 
     def __init__(self, model: nn.Module, tokenizer, texts: list[str], labels: list[int],
-                 processes, probe: LogisticProbe | None = None, batch_size: int = 32,
-                 max_length: int = 128, dtype: torch.dtype | None = None, title: str = "",
-                 setup: dict | None = None) -> None:
+                 processes, probe_data: tuple[list[str], list[int]] | None = None,
+                 batch_size: int = 32, max_length: int = 128, dtype: torch.dtype | None = None,
+                 title: str = "", setup: dict | None = None) -> None:
         num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        if probe is None and num_labels is not None and max(labels) >= num_labels:
+        if probe_data is None and num_labels is not None and max(labels) >= num_labels:
             raise ValueError(f"label {max(labels)} is outside the model's {num_labels} labels")
-        if probe is None and not hasattr(model, "classifier"):
+        if probe_data is None and not hasattr(model, "classifier"):
             raise ValueError(f"{type(model).__name__} has no classification head: pass a "
                              "...ForSequenceClassification checkpoint or fit a probe with "
                              "--probe-train")
         tokenizer.padding_side = "right"
         self.model, self.tokenizer, self.texts, self.labels = model, tokenizer, texts, labels
-        self.processes, self.probe, self.batch_size = processes, probe, batch_size
+        self.processes, self.batch_size = processes, batch_size
+        self.probe_data, self.probe = probe_data, None
         self.max_length, self.dtype = max_length, dtype
         self.title, self.setup = title, {"examples": len(texts), **(setup or {})}
 
@@ -144,7 +145,7 @@ class TextEvaluation:
         with torch.no_grad(), torch.autocast(self.processes.device.type,
                                              self.dtype or torch.float32,
                                              enabled=self.dtype is not None):
-            if self.probe is None:
+            if self.probe_data is None:
                 return self.model(**inputs).logits.float().argmax(dim=-1).cpu()
             hidden = self.model(**inputs).last_hidden_state
             pooled = nn.functional.normalize(mean_pooled(self.model, hidden,
@@ -160,9 +161,21 @@ class TextEvaluation:
         return sum(counted_flops(self.model, self._inputs([text])) for text in texts) \
             / len(texts) / 2e9
 
+    def fit_probe(self) -> None:
+        """Fit the probe on the unmerged model's embeddings (once, before the first cell)."""
+        from ..api import unpatch
+
+        unpatch(self.model)
+        texts, labels = self.probe_data  # type: ignore[misc]
+        features = embed_sentences(self.model, self.tokenizer, texts, self.batch_size,
+                                   self.max_length, progress=self.processes.is_main)
+        self.probe = LogisticProbe().fit(features.float().cpu(), torch.tensor(labels))
+
     def __call__(self, cell) -> dict:
         from .runner import Stopwatch, apply_cell, progress, throughput
 
+        if self.probe_data is not None and self.probe is None:
+            self.fit_probe()
         apply_cell(self.model, cell)
         shard = self.processes.shard(self.texts)
         stopwatch, records = Stopwatch(self.processes.device), []
@@ -200,16 +213,11 @@ def build_text_evaluation(args, processes, dtype) -> TextEvaluation:
         model = loader.from_pretrained(args.model).eval()
     model = model.to(processes.device)
     texts, labels = read_labelled_text(args.data, args.text_column, args.label_column, args.limit)
-    probe = None
-    if args.probe_train:
-        train_texts, train_labels = read_labelled_text(args.probe_train, args.text_column,
-                                                       args.label_column, args.probe_limit)
-        features = embed_sentences(model, tokenizer, train_texts, args.batch_size,
-                                   args.max_length, progress=processes.is_main)
-        probe = LogisticProbe().fit(features.float().cpu(), torch.tensor(train_labels))
+    probe_data = None if not args.probe_train else read_labelled_text(
+        args.probe_train, args.text_column, args.label_column, args.probe_limit)
     what = "probe on " + Path(args.probe_train).name if args.probe_train else "its own head"
     title = (f"{args.model} ({what}) on {len(texts)} examples of {args.data}; GFLOPs = "
              "multiply-accumulates per example (mean of the first 16, unpadded)")
-    return TextEvaluation(model, tokenizer, texts, labels, processes, probe, args.batch_size,
+    return TextEvaluation(model, tokenizer, texts, labels, processes, probe_data, args.batch_size,
                           args.max_length, dtype, title,
                           {"probe_train": args.probe_train, "probe_limit": args.probe_limit})
