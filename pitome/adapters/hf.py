@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.attention import multihead_attention
 from ..core.schedule import LinearMargin, MarginSpec
 from ..core.state import MergeConfig
 from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, restore_class, \
@@ -142,27 +143,18 @@ class MergingFusedQKVLayer(MergingLayer):
 
 def biased_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Fused scaled-dot-product attention of a ``qkv``/``projection`` module with a key bias."""
-    batch, tokens, width = x.shape
-    heads = attention.num_heads
-    q, k, v = attention.qkv(x).view(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                     dropout_p=_dropout(attention),
-                                                     scale=attention.scale)
-    return attention.projection(out.transpose(1, 2).reshape(batch, tokens, width))
+    q, k, v = attention.qkv(x).chunk(3, dim=-1)
+    out = multihead_attention(q, k, v, attention.num_heads, bias, _dropout(attention),
+                              attention.scale)
+    return attention.projection(out)
 
 
 def projected_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                         query: nn.Module, key: nn.Module, value: nn.Module) -> torch.Tensor:
     """Scaled-dot-product attention over ``attention``'s own query, key and value projections
     with a key bias, before the output projection (``B×T×width``)."""
-    batch, tokens, _ = x.shape
-    heads = _head_count(attention)
-    q, k, v = (project(x).view(batch, tokens, heads, -1).transpose(1, 2)
-               for project in (query, key, value))
-    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                     dropout_p=_dropout(attention),
-                                                     scale=_scale(attention, x.shape[-1]))
-    return out.transpose(1, 2).reshape(batch, tokens, -1)
+    return multihead_attention(query(x), key(x), value(x), _head_count(attention), bias,
+                               _dropout(attention), _scale(attention, x.shape[-1]))
 
 
 def _head_count(attention: nn.Module) -> int | None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.attention import multihead_attention
 from ..core.schedule import LinearMargin
 from ..core.state import MergeConfig
 from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, restore_class, \
@@ -35,16 +36,10 @@ def projected_attention(attention: nn.MultiheadAttention, x: torch.Tensor,
     """Batch-first attention of an ``nn.MultiheadAttention`` with an additive key bias,
     through fused scaled-dot-product attention; returns the output, the keys and queries
     (``B×T×C`` each)."""
-    batch, tokens, width = x.shape
-    heads = attention.num_heads
     q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
-    split = (batch, tokens, heads, width // heads)
     dropout = attention.dropout if attention.training else 0.0
-    out = F.scaled_dot_product_attention(q.view(split).transpose(1, 2), k.view(split).transpose(1, 2),
-                                         v.view(split).transpose(1, 2), attn_mask=bias,
-                                         dropout_p=dropout)
-    out = attention.out_proj(out.transpose(1, 2).reshape(batch, tokens, width))
-    return out, k, q
+    out = multihead_attention(q, k, v, attention.num_heads, bias, dropout)
+    return attention.out_proj(out), k, q
 
 
 class MergingResidualAttentionBlock(MergingLayer):

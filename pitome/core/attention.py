@@ -1,13 +1,33 @@
-"""Attention statistics some algorithms need, computed beside the fused attention kernel."""
+"""Fused attention from projected tokens, and the attention statistics some algorithms need."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .state import MergeState
+
+
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                        bias: torch.Tensor | None = None, dropout: float = 0.0,
+                        scale: float | None = None) -> torch.Tensor:
+    """Scaled-dot-product attention of ``B×T×C`` queries, keys and values split into
+    ``heads`` heads, with an additive ``B×1×1×T`` key bias; returns ``B×T×C``.
+
+    For adapters whose model's own attention module cannot take the bias: they project
+    with the module's own weights and call this (the fused kernel still runs).
+    """
+    batch, tokens, _ = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, tokens, heads, -1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias,
+                                         dropout_p=dropout, scale=scale)
+    return out.transpose(1, 2).reshape(batch, tokens, -1)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
