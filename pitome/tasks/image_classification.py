@@ -174,42 +174,36 @@ class ImageNetEvaluation:
 
     def __call__(self, cell) -> dict:
         from ..analysis.flops import flops
-        from .runner import Stopwatch, apply_cell, progress, throughput
+        from .runner import apply_cell, evaluate_shard
 
         apply_cell(self.model, cell)
-        device = self.processes.device
-        shard = self.processes.shard(self.items)
-        stopwatch, records, skipped = Stopwatch(device), [], []
-        starts = range(0, len(shard), self.batch_size)
-        for start in progress(starts, self.processes, cell.key, total=len(starts)):
-            indices, tensors = [], []
-            for index in shard[start:start + self.batch_size]:
-                image = self._image(index)
-                if isinstance(image, str):
-                    skipped.append(str(self.items[index].path))
-                else:
-                    indices.append(index)
-                    tensors.append(image)
-            if not tensors:
-                continue
-            batch = torch.stack(tensors).to(device, self.dtype or torch.float32)
-            with torch.no_grad(), torch.autocast(device.type, self.dtype or torch.float32,
-                                                 enabled=self.dtype is not None):
-                logits = stopwatch(lambda: self.model(batch), len(indices))
-            top5 = logits.float().topk(5, dim=-1).indices.cpu().tolist()
-            records += [(index, self.items[index].label, best) for index, best in zip(indices, top5)]
-        gathered = self.processes.gather([(records, skipped, stopwatch.examples, stopwatch.seconds)])
-        if not self.processes.is_main:
+        result = evaluate_shard(self.processes, self.items, self.batch_size, cell.key, self._step)
+        if result is None:
             return {}
-        records = sorted(r for part in gathered for r in part[0])
-        skipped = sorted(s for part in gathered for s in part[1])
-        if not records:
-            raise ValueError("no image could be evaluated")
+        records = result.records
         top1 = 100.0 * sum(label == best[0] for _, label, best in records) / len(records)
         top5 = 100.0 * sum(label in best for _, label, best in records) / len(records)
-        example = torch.zeros(1, 3, *self.model.patch_embed.img_size, device=device)
-        with torch.autocast(device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
+        example = torch.zeros(1, 3, *self.model.patch_embed.img_size, device=self.processes.device)
+        with self._autocast():
             gflops = flops(self.model, example).total_macs / 1e9
         return {"top1": top1, "top5": top5, "gflops": gflops,
-                "images_per_second": throughput([(p[2], p[3]) for p in gathered]),
-                "examples": len(records), "skipped": skipped}
+                "images_per_second": result.examples_per_second, "examples": len(records),
+                "skipped": result.skipped}
+
+    def _autocast(self):
+        return torch.autocast(self.processes.device.type, self.dtype or torch.float32,
+                              enabled=self.dtype is not None)
+
+    def _step(self, indices: list[int], stopwatch):
+        from .runner import Batch
+
+        images = {index: self._image(index) for index in indices}
+        readable = [index for index, image in images.items() if not isinstance(image, str)]
+        skipped = [str(self.items[i].path) for i in indices if i not in readable]
+        if not readable:
+            return Batch([], skipped)
+        batch = torch.stack([images[i] for i in readable]).to(self.processes.device)
+        with torch.no_grad(), self._autocast():
+            logits = stopwatch(lambda: self.model(batch), len(readable))
+        top5 = logits.float().topk(5, dim=-1).indices.cpu().tolist()
+        return Batch([(i, self.items[i].label, best) for i, best in zip(readable, top5)], skipped)

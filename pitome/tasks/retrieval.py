@@ -145,41 +145,38 @@ class RetrievalEvaluation:
 
     def __call__(self, cell) -> dict:
         from ..analysis.flops import counted_flops
-        from .runner import Stopwatch, apply_cell, progress, throughput
+        from .runner import apply_cell, evaluate_shard
 
         if self.text_features is None:
             self.text_features = self._embed_texts()
         apply_cell(self.model, cell)
-        shard = self.processes.shard(self.data.images)
-        stopwatch, records, example = Stopwatch(self.processes.device), [], None
-        starts = range(0, len(shard), self.batch_size)
-        for start in progress(starts, self.processes, cell.key, total=len(starts)):
-            indices = shard[start:start + self.batch_size]
-            pixels, readable = self._pixels([self.data.images[i] for i in indices])
-            if pixels is None:
-                continue
-            example = pixels[:1] if example is None else example
-            features = stopwatch(lambda: self._embed_images(pixels), pixels.shape[0])
-            kept = [index for index, ok in zip(indices, readable) if ok]
-            records += list(zip(kept, features))
-        gathered = self.processes.gather([(records, stopwatch.examples, stopwatch.seconds,
-                                           example)])
-        if not self.processes.is_main:
+        result = evaluate_shard(self.processes, self.data.images, self.batch_size, cell.key,
+                                self._step)
+        if result is None:
             return {}
-        records = sorted((r for part in gathered for r in part[0]), key=lambda r: r[0])
-        found = [index for index, _ in records]
-        if not found:
-            raise ValueError("no image could be read")
-        keep_caption = [owner in set(found) for owner in self.data.caption_image]
-        position = {index: row for row, index in enumerate(found)}
-        owners = [position[o] for o, keep in zip(self.data.caption_image, keep_caption) if keep]
-        similarity = torch.stack([f for _, f in records]) @ self.text_features[keep_caption].t()
-        example = next(part[3] for part in gathered if part[3] is not None).to(self.processes.device)
+        found = {index: row for row, (index, _) in enumerate(result.records)}
+        keep_caption = [owner in found for owner in self.data.caption_image]
+        owners = [found[owner] for owner in self.data.caption_image if owner in found]
+        image_features = torch.stack([features for _, features in result.records])
+        similarity = image_features @ self.text_features[keep_caption].t()
         with self._autocast():
-            gflops = counted_flops(self._embed_images, example) / 2e9
+            gflops = counted_flops(self._embed_images,
+                                   result.example.to(self.processes.device)) / 2e9
         return {**recall_at(similarity, owners), "gflops": gflops,
-                "images_per_second": throughput([(p[1], p[2]) for p in gathered]),
-                "images": len(found), "skipped": len(self.data.images) - len(found)}
+                "images_per_second": result.examples_per_second, "images": len(found),
+                "skipped": len(result.skipped)}
+
+    def _step(self, indices: list[int], stopwatch):
+        from .runner import Batch
+
+        paths = [self.data.images[i] for i in indices]
+        pixels, readable = self._pixels(paths)
+        skipped = [str(path) for path, ok in zip(paths, readable) if not ok]
+        if pixels is None:
+            return Batch([], skipped)
+        features = stopwatch(lambda: self._embed_images(pixels), pixels.shape[0])
+        kept = [index for index, ok in zip(indices, readable) if ok]
+        return Batch(list(zip(kept, features)), skipped, pixels[:1].cpu())
 
 
 def build_retrieval_evaluation(args, processes, dtype) -> RetrievalEvaluation:

@@ -269,7 +269,45 @@ class Stopwatch:
         return out
 
 
-def throughput(timings: Sequence[tuple[int, float]]) -> float | None:
-    """Examples per second of processes running side by side: the sum of their rates."""
-    rates = [examples / seconds for examples, seconds in timings if seconds > 0]
-    return sum(rates) if rates else None
+@dataclass
+class Batch:
+    """What a task's step made of one batch of example indices."""
+
+    records: list  # one tuple per evaluated example, starting with its index
+    skipped: list[str] = field(default_factory=list)  # examples that could not be read
+    example: Any = None  # the inputs of one example, to count FLOPs on
+
+
+@dataclass
+class Gathered:
+    """Every process's share of a cell, on rank 0: records in example order."""
+
+    records: list
+    skipped: list[str]
+    examples_per_second: float | None  # the processes' rates added up
+    example: Any
+
+
+def evaluate_shard(processes: Processes, items: Sequence, batch_size: int, label: str,
+                   step: Callable[[list[int], Stopwatch], Batch]) -> Gathered | None:
+    """Run ``step`` over this process's share of ``items`` in batches (with a progress bar)
+    and gather the results on rank 0; other ranks get None."""
+    shard = processes.shard(items)
+    stopwatch = Stopwatch(processes.device)
+    records, skipped, example = [], [], None
+    starts = range(0, len(shard), batch_size)
+    for start in progress(starts, processes, label, total=len(starts)):
+        batch = step(shard[start:start + batch_size], stopwatch)
+        records += batch.records
+        skipped += batch.skipped
+        example = batch.example if example is None else example
+    parts = processes.gather([(records, skipped, stopwatch.examples, stopwatch.seconds, example)])
+    if not processes.is_main:
+        return None
+    records = sorted((r for part in parts for r in part[0]), key=lambda record: record[0])
+    if not records:
+        raise ValueError(f"{label}: no example could be evaluated (none was readable)")
+    rates = [part[2] / part[3] for part in parts if part[3] > 0]
+    return Gathered(records, sorted(s for part in parts for s in part[1]),
+                    sum(rates) if rates else None,
+                    next((part[4] for part in parts if part[4] is not None), None))

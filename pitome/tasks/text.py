@@ -172,27 +172,25 @@ class TextEvaluation:
         self.probe = LogisticProbe().fit(features.float().cpu(), torch.tensor(labels))
 
     def __call__(self, cell) -> dict:
-        from .runner import Stopwatch, apply_cell, progress, throughput
+        from .runner import apply_cell, evaluate_shard
 
         if self.probe_data is not None and self.probe is None:
             self.fit_probe()
         apply_cell(self.model, cell)
-        shard = self.processes.shard(self.texts)
-        stopwatch, records = Stopwatch(self.processes.device), []
-        starts = range(0, len(shard), self.batch_size)
-        for start in progress(starts, self.processes, cell.key, total=len(starts)):
-            indices = shard[start:start + self.batch_size]
-            predictions = stopwatch(lambda: self._predict([self.texts[i] for i in indices]),
-                                    len(indices))
-            records += list(zip(indices, predictions.tolist()))
-        gathered = self.processes.gather([(records, stopwatch.examples, stopwatch.seconds)])
-        if not self.processes.is_main:
+        result = evaluate_shard(self.processes, self.texts, self.batch_size, cell.key, self._step)
+        if result is None:
             return {}
-        records = sorted(r for part in gathered for r in part[0])
-        correct = sum(prediction == self.labels[index] for index, prediction in records)
-        return {"accuracy": 100.0 * correct / len(records), "gflops": self.gflops(),
-                "examples_per_second": throughput([(p[1], p[2]) for p in gathered]),
-                "examples": len(records)}
+        correct = sum(prediction == self.labels[index] for index, prediction in result.records)
+        return {"accuracy": 100.0 * correct / len(result.records), "gflops": self.gflops(),
+                "examples_per_second": result.examples_per_second,
+                "examples": len(result.records)}
+
+    def _step(self, indices: list[int], stopwatch):
+        from .runner import Batch
+
+        predictions = stopwatch(lambda: self._predict([self.texts[i] for i in indices]),
+                                len(indices))
+        return Batch(list(zip(indices, predictions.tolist())))
 
 
 def build_text_evaluation(args, processes, dtype) -> TextEvaluation:

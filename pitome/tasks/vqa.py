@@ -130,38 +130,34 @@ class VQAEvaluation:
     def __call__(self, cell) -> dict:
         from ..adapters.llava import image_tokens
         from ..analysis.flops import counted_flops
-        from .runner import Stopwatch, apply_cell, progress, throughput
+        from .runner import apply_cell, evaluate_shard
 
         apply_cell(self.model, cell)
-        shard = self.processes.shard(self.questions)
-        stopwatch, records, example = Stopwatch(self.processes.device), [], None
-        starts = range(0, len(shard), self.batch_size)
-        for start in progress(starts, self.processes, cell.key, total=len(starts)):
-            indices = shard[start:start + self.batch_size]
-            inputs, readable = self._inputs([self.questions[i] for i in indices])
-            if inputs is None:
-                continue
-            if example is None:
-                example = {key: value[:1] for key, value in inputs.items()}
-            replies = stopwatch(lambda: self._answer(inputs), sum(readable))
-            kept = [index for index, ok in zip(indices, readable) if ok]
-            records += [(index, reply, correct(self.questions[index], reply))
-                        for index, reply in zip(kept, replies)]
-        gathered = self.processes.gather([(records, stopwatch.examples, stopwatch.seconds,
-                                           example)])
-        if not self.processes.is_main:
+        result = evaluate_shard(self.processes, self.questions, self.batch_size, cell.key,
+                                self._step)
+        if result is None:
             return {}
-        records = sorted(r for part in gathered for r in part[0])
-        if not records:
-            raise ValueError("no question could be answered (no readable image)")
-        example = next(part[3] for part in gathered if part[3] is not None)
-        example = {k: v.to(self.processes.device) for k, v in example.items()}
-        gflops = counted_flops(self.model, example) / 2e9
-        return {"accuracy": 100.0 * sum(r[2] for r in records) / len(records),
-                "image_tokens": image_tokens(self.model), "gflops": gflops,
-                "examples_per_second": throughput([(p[1], p[2]) for p in gathered]),
-                "examples": len(records), "skipped": len(self.questions) - len(records),
-                "replies": [r[1] for r in records[:20]]}
+        records = result.records
+        example = {key: value.to(self.processes.device) for key, value in result.example.items()}
+        return {"accuracy": 100.0 * sum(record[2] for record in records) / len(records),
+                "image_tokens": image_tokens(self.model),
+                "gflops": counted_flops(self.model, example) / 2e9,
+                "examples_per_second": result.examples_per_second, "examples": len(records),
+                "skipped": len(result.skipped), "replies": [record[1] for record in records[:20]]}
+
+    def _step(self, indices: list[int], stopwatch):
+        from .runner import Batch
+
+        questions = [self.questions[i] for i in indices]
+        inputs, readable = self._inputs(questions)
+        skipped = [str(q.image) for q, ok in zip(questions, readable) if not ok]
+        if inputs is None:
+            return Batch([], skipped)
+        replies = stopwatch(lambda: self._answer(inputs), sum(readable))
+        kept = [index for index, ok in zip(indices, readable) if ok]
+        example = {key: value[:1].cpu() for key, value in inputs.items()}
+        return Batch([(index, reply, correct(self.questions[index], reply))
+                      for index, reply in zip(kept, replies)], skipped, example)
 
 
 def build_vqa_evaluation(args, processes, dtype) -> VQAEvaluation:
