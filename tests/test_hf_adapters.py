@@ -65,6 +65,18 @@ VISION_MODELS = {
     "CLIPVisionModel": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)),
                         1, lambda out: out.pooler_output),
     "CLIPModel": (_clip_model, 1, None),
+    "DeiTForImageClassification": (lambda: _deit(transformers.DeiTForImageClassification), 2,
+                                   lambda out: out.logits),
+    "CLIPVisionModelWithProjection": (
+        lambda: transformers.CLIPVisionModelWithProjection(
+            transformers.CLIPVisionConfig(**VISION, projection_dim=32)), 1,
+        lambda out: out.image_embeds),
+    "SiglipModel": (lambda: transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64),
+        vision_config=VISION)), 0, None),
+    "BlipVisionModel": (lambda: randomized(transformers.BlipVisionModel(
+        transformers.BlipVisionConfig(**VISION))), 1, lambda out: out.pooler_output),
     "BlipForImageTextRetrieval": (_blip_retrieval, 1, None),
     "SiglipVisionModel": (
         lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)), 0,
@@ -109,7 +121,7 @@ def images(batch: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def vision_output(name: str, model, pixels: torch.Tensor) -> torch.Tensor:
-    if name == "CLIPModel":
+    if name in ("CLIPModel", "SiglipModel"):
         features = model.get_image_features(pixel_values=pixels)
         return getattr(features, "pooler_output", features)
     if name == "BlipForImageTextRetrieval":  # image-text matching: text cross-attends to image
