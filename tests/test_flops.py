@@ -68,3 +68,29 @@ def test_analytic_flops_match_torch_flop_counter(name, algo):
         assert report.merge_macs == 0 and report.blocks[-1].tokens_out == 197
     else:
         assert report.blocks[-1].tokens_out < 100 and report.merge_macs > 0
+
+
+@pytest.mark.parametrize("cls_name,algo", [
+    ("ViTForImageClassification", None), ("ViTForImageClassification", "pitome"),
+    ("DeiTForImageClassificationWithTeacher", None),
+    ("DeiTForImageClassificationWithTeacher", "tome")])
+def test_analytic_flops_match_the_counter_on_hugging_face_models(cls_name, algo):
+    import torch
+
+    import pitome
+    from pitome.analysis.flops import counted_flops, flops
+
+    transformers = pytest.importorskip("transformers")
+    config_cls = transformers.DeiTConfig if cls_name.startswith("DeiT") else transformers.ViTConfig
+    config = config_cls(hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+                        intermediate_size=768, num_labels=1000)  # a ViT-Tiny-sized, 224 px
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    if algo is not None:
+        pitome.patch(model, algo=algo, ratio=0.9)
+    inputs = torch.randn(1, 3, 224, 224)
+    report = flops(model, inputs)
+    assert report.total_flops == pytest.approx(counted_flops(model, inputs), rel=0.02)
+    prefix = 2 if cls_name.startswith("DeiT") else 1
+    assert report.blocks[0].tokens_in == 196 + prefix
+    assert (report.merge_macs > 0) == (algo is not None)

@@ -27,7 +27,9 @@ class VitShape:
 
     @classmethod
     def of(cls, model: nn.Module) -> VitShape:
-        """Read the shape of a timm ``VisionTransformer``."""
+        """Read the shape of a timm ``VisionTransformer`` or a Hugging Face ViT/DeiT."""
+        if not hasattr(model, "blocks"):
+            return cls._of_hugging_face(model)
         block = model.blocks[0]
         conv = model.patch_embed.proj
         patch_macs = conv.in_channels * conv.out_channels
@@ -38,6 +40,38 @@ class VitShape:
         return cls(width=model.embed_dim, mlp_hidden=block.mlp.fc1.out_features,
                    num_blocks=len(model.blocks), patch_embed_macs_per_token=patch_macs,
                    head_macs=head_macs)
+
+
+    @classmethod
+    def _of_hugging_face(cls, model: nn.Module) -> VitShape:
+        config, embeddings = model.config, _hf_embeddings(model)
+        conv = embeddings.patch_embeddings.projection
+        patch_macs = conv.in_channels * conv.out_channels * conv.kernel_size[0] * \
+            conv.kernel_size[1]
+        head_macs = sum(module.in_features * module.out_features for name in
+                        ("classifier", "distillation_classifier", "cls_classifier")
+                        if isinstance(module := getattr(model, name, None), nn.Linear))
+        return cls(width=config.hidden_size, mlp_hidden=config.intermediate_size,
+                   num_blocks=config.num_hidden_layers, patch_embed_macs_per_token=patch_macs,
+                   head_macs=head_macs)
+
+
+def _hf_embeddings(model: nn.Module) -> nn.Module:
+    for owner in (model, getattr(model, "vit", None), getattr(model, "deit", None)):
+        embeddings = getattr(owner, "embeddings", None)
+        if embeddings is not None and hasattr(embeddings, "patch_embeddings"):
+            return embeddings
+    raise TypeError(f"pitome.analysis.flops reads timm ViTs and Hugging Face ViT/DeiT, not a "
+                    f"{type(model).__name__}; use counted_flops(model, inputs) for others")
+
+
+def _tokens_and_prefix(model: nn.Module) -> tuple[int, int]:
+    """Patches and prefix tokens of a timm or Hugging Face ViT/DeiT."""
+    if hasattr(model, "patch_embed"):
+        return model.patch_embed.num_patches, model.num_prefix_tokens
+    embeddings = _hf_embeddings(model)
+    prefix = 1 + int(getattr(embeddings, "distillation_token", None) is not None)
+    return embeddings.patch_embeddings.num_patches, prefix
 
 
 def block_macs(tokens_in: int, tokens_out: int, width: int, mlp_hidden: int) -> int:
@@ -120,7 +154,8 @@ class FlopsReport:
 
 
 def flops(model: nn.Module, inputs) -> FlopsReport:
-    """Per-block MACs of a (patched or unpatched) timm ViT on ``inputs``, per image.
+    """Per-block MACs of a (patched or unpatched) timm ViT, or Hugging Face ViT/DeiT, on
+    ``inputs``, per image.
 
     Runs one forward to read the token counts the merges produced, then counts analytically
     (SPEC §7): attention ``4NC² + 2N²C``, MLP ``2N′CH``, plus patch embedding, head and, apart,
@@ -134,13 +169,15 @@ def flops(model: nn.Module, inputs) -> FlopsReport:
     with torch.no_grad():
         model(inputs)
     shape = VitShape.of(model)
-    num_patches = model.patch_embed.num_patches
-    prefix = model.num_prefix_tokens
+    num_patches, prefix = _tokens_and_prefix(model)
     config = model.__dict__.get(CONFIG_ATTR)
     info = merge_info(model) if config is not None else None
     counts = info.token_counts if info is not None else [num_patches + prefix] * (
         shape.num_blocks + 1)
-    width, head_dim = shape.width, model.blocks[0].attn.head_dim
+    width = shape.width
+    heads = model.blocks[0].attn.num_heads if hasattr(model, "blocks") else \
+        model.config.num_attention_heads
+    head_dim = width // heads
     blocks = []
     for index, (tokens_in, tokens_out) in enumerate(zip(counts[:-1], counts[1:])):
         merge = 0 if config is None or tokens_in == tokens_out else merge_macs(
