@@ -117,54 +117,51 @@ class MergeState:
             return x
         if self.padding is not None:
             return self._merge_rows_by_length(x, metric, block, attention)
-        ctx = MergeContext(r=r, num_prefix=self.num_prefix, block=block,
-                           num_blocks=self.num_blocks,
-                           margin=resolve_margin(self.config.margin, block, self.num_blocks),
-                           sizes=self.sizes, padding=self.padding,
-                           attention=None if attention is None else attention.detach())
-        with torch.no_grad():
-            plan = self.config.algorithm(metric.detach(), ctx)
-        sizes = self.sizes
-        if sizes is None:
-            sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
-        x, self.sizes = plan.weighted_mean(x, sizes)
-        if self.source is not None:
-            self.source = plan.apply(self.source, "amax")
+        x, self.sizes, self.source, plan = self._plan_and_apply(
+            x, metric, self.sizes, self.source, r, block, attention)
         if self.config.keep_plans:
             self.plans[block] = plan
         return x
+
+    def _plan_and_apply(self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None,
+                        source: torch.Tensor | None, r: int, block: int,
+                        attention: torch.Tensor | None):
+        """Ask the algorithm for a plan removing ``r`` tokens; apply it to ``x``, the sizes
+        (None while all are 1) and the sources. Returns the three and the plan."""
+        ctx = MergeContext(r=r, num_prefix=self.num_prefix, block=block,
+                           num_blocks=self.num_blocks,
+                           margin=resolve_margin(self.config.margin, block, self.num_blocks),
+                           sizes=sizes, attention=None if attention is None else attention.detach())
+        with torch.no_grad():
+            plan = self.config.algorithm(metric.detach(), ctx)
+        if sizes is None:
+            sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
+        x, sizes = plan.weighted_mean(x, sizes)
+        return x, sizes, None if source is None else plan.apply(source, "amax"), plan
 
     def _merge_rows_by_length(self, x: torch.Tensor, metric: torch.Tensor, block: int,
                               attention: torch.Tensor | None) -> torch.Tensor:
         """Merge each group of equal-length rows on its real tokens alone, then re-pad."""
         batch, tokens, _ = x.shape
         num_out = tokens - self.merges[block]
-        sizes = self.sizes if self.sizes is not None else \
-            x.new_ones(batch, tokens, 1, dtype=torch.float32)
         out = x.new_empty(batch, num_out, x.shape[-1])
-        new_sizes = sizes.new_ones(batch, num_out, 1)
+        new_sizes = x.new_ones(batch, num_out, 1, dtype=torch.float32)
         source = None if self.source is None else \
             self.source.new_zeros(batch, num_out, self.source.shape[-1])
         lengths = torch.empty(batch, dtype=torch.long, device=x.device)
         for rows, counts in self.rows_by_length.values():
             length, length_out = counts[block], counts[block + 1]
             kept_padding = slice(length, length + num_out - length_out)
-            part, part_sizes = x[rows, :length], sizes[rows, :length]
+            part = x[rows, :length]
+            part_sizes = None if self.sizes is None else self.sizes[rows, :length]
             part_source = None if source is None else self.source[rows, :length]
             if length_out < length:
-                ctx = MergeContext(
-                    r=length - length_out, num_prefix=self.num_prefix, block=block,
-                    num_blocks=self.num_blocks,
-                    margin=resolve_margin(self.config.margin, block, self.num_blocks),
-                    sizes=None if self.sizes is None else part_sizes,
-                    attention=None if attention is None else attention[rows, :length].detach())
-                with torch.no_grad():
-                    plan = self.config.algorithm(metric[rows, :length].detach(), ctx)
-                part, part_sizes = plan.weighted_mean(part, part_sizes)
-                if part_source is not None:
-                    part_source = plan.apply(part_source, "amax")
+                part, part_sizes, part_source, _ = self._plan_and_apply(
+                    part, metric[rows, :length], part_sizes, part_source, length - length_out,
+                    block, None if attention is None else attention[rows, :length])
             out[rows] = torch.cat([part, x[rows, kept_padding]], dim=1)
-            new_sizes[rows, :length_out] = part_sizes
+            if part_sizes is not None:
+                new_sizes[rows, :length_out] = part_sizes
             if source is not None:
                 source[rows] = torch.cat([part_source, self.source[rows, kept_padding]], dim=1)
             lengths[rows] = length_out
