@@ -106,25 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSetup, benchmark, format_table, pick_device, pick_dtype
-    from .models import create_timm_model
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     batch = args.batch or (256 if device.type == "cuda" else 8)
-    algos = [name.strip() for name in args.algos.split(",") if name.strip()]
+    algos = algorithm_list(args.algos, extra=("none", "oracle"))
     if args.oracle and "oracle" not in algos:
         algos.insert(1 if algos[:1] == ["none"] else 0, "oracle")
-    known = set(available_algorithms()) | {"none", "oracle"}
-    unknown = [name for name in algos if name.replace("-", "_").lower() not in known]
-    if unknown:
-        raise SystemExit(f"pitome bench: unknown algorithm(s) {unknown}; "
-                         f"available: none, {', '.join(sorted(available_algorithms()))}")
     if args.batch is not None and args.batch < 1:
         raise SystemExit("pitome bench: --batch must be at least 1")
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"pitome bench: --cuda-graph needs a CUDA device, not {device}")
 
-    model = create_timm_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+    model = _model(args)
     weights = args.checkpoint or ("pretrained" if args.pretrained else "random weights")
     setup = BenchSetup(model=args.model, device=str(device), dtype=str(dtype).split(".")[-1],
                        batch=batch, weights=weights, cuda_graph=args.cuda_graph)
@@ -146,13 +140,16 @@ def _model(args: argparse.Namespace):
     return create_timm_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
 
 
-def _algos(text: str) -> list[str]:
+def algorithm_list(text: str, extra: Sequence[str] = ()) -> list[str]:
+    """The comma-separated algorithm names of ``text``, each registered or one of ``extra``
+    (e.g. ``"none"``); an unknown name ends the command with the list of known ones."""
     algos = [name.strip() for name in text.split(",") if name.strip()]
     known = set(available_algorithms())
-    unknown = [name for name in algos if name.replace("-", "_").lower() not in known]
+    unknown = [name for name in algos
+               if name.replace("-", "_").lower() not in known and name not in extra]
     if unknown:
         raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; "
-                         f"available: {', '.join(sorted(known))}")
+                         f"available: {', '.join([*extra, *sorted(known)])}")
     return algos
 
 
@@ -162,7 +159,7 @@ def run_flops(args: argparse.Namespace) -> int:
 
     model = _model(args)
     if args.algo != "none":
-        _algos(args.algo)
+        algorithm_list(args.algo)
         patch(model, algo=args.algo, ratio=args.ratio)
     inputs = torch.randn(1, 3, *model.patch_embed.img_size)
     report = flops(model, inputs)
@@ -186,7 +183,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
     from .analysis.spectrum import block_distances, single_merge_distances
     from .tasks.image_classification import load_images, model_transform, read_image_folder
 
-    algos = _algos(args.algos)
+    algos = algorithm_list(args.algos)
     model = _model(args)
     items = read_image_folder(args.images)[: args.limit]
     images, _ = load_images(items, model_transform(model))
@@ -223,7 +220,7 @@ def run_spectrum(args: argparse.Namespace) -> int:
 def run_visualize(args: argparse.Namespace) -> int:
     from .analysis.visualize import visualize
 
-    out = visualize(_model(args), args.image, _algos(args.algos), args.ratio, args.out,
+    out = visualize(_model(args), args.image, algorithm_list(args.algos), args.ratio, args.out,
                     block=args.block)
     print(f"wrote {out}")
     return 0

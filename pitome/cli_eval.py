@@ -97,15 +97,16 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from .cli import algorithm_list
     from .tasks.runner import ResultStore, grid, parse_list, run_grid, start_processes, \
         write_outputs
 
     processes = start_processes(args.device)
+    algos = algorithm_list(args.algo, extra=("none",))
     try:
-        algos, ratios = parse_list(args.algo), parse_list(args.ratio, float)
+        ratios = parse_list(args.ratio, float)
     except ValueError as error:
         raise SystemExit(f"pitome: bad --ratio list: {error}") from error
-    _check_algos(algos)
     cells = grid(algos, ratios or [DEFAULT_RATIO])
     out = Path(args.out or f"results/eval-{args.task}")
     task = _build_task(args, processes)
@@ -121,16 +122,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if processes.world > 1:
         torch.distributed.destroy_process_group()
     return 0
-
-
-def _check_algos(algos: list[str]) -> None:
-    from .core.registry import available_algorithms
-
-    known = set(available_algorithms()) | {"none"}
-    unknown = [algo for algo in algos if algo.replace("-", "_").lower() not in known]
-    if unknown:
-        raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; available: "
-                         f"{', '.join(sorted(known))}")
 
 
 def _build_task(args: argparse.Namespace, processes):
