@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pitome.bench import time_forward
+from pitome.kernels.attention import proportional_attention
 
 
 def main() -> None:
@@ -57,7 +58,12 @@ def main() -> None:
     def add_key_bias(score, b, h, q_idx, kv_idx):
         return score + key_bias[b, kv_idx]
 
+    def triton_kernel():
+        out = proportional_attention(q, k, v, sizes[:, 0], args.dim ** -0.5)
+        return out.view(args.batch, args.tokens, args.heads, args.dim).transpose(1, 2)
+
     candidates = {
+        "Triton kernel (pitome)": triton_kernel,
         "flex + score_mod (compiled)": lambda: compiled_flex(q, k, v, score_mod=add_key_bias),
         "flex, no bias (compiled)": lambda: compiled_flex(q, k, v),
         "no bias (floor)": lambda: F.scaled_dot_product_attention(q, k, v),

@@ -3,8 +3,8 @@
 The adapter composes each model's own submodules; it never copies a timm forward. Merging
 happens inside each block after the attention residual and before the MLP (ToMe's
 placement); the metric is the attention keys averaged over heads, taken from the same qkv
-projection that feeds fused ``scaled_dot_product_attention``. Proportional attention is an
-additive ``log size`` bias on the keys, so the fused kernel still applies.
+projection that feeds fused attention. Proportional attention adds ``log size`` to each
+key's logits (:func:`pitome.kernels.attention.proportional_attention`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from ..core.attention import received_attention
 from ..core.schedule import LinearMargin
 from ..core.state import MergeConfig, MergeState
+from ..kernels.attention import proportional_attention
 from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, record_info, \
     restore_class, swap_class
 
@@ -24,9 +25,9 @@ BLOCK_CLASSES = ("Block", "ResPostBlock")
 ATTENTION_CLASS = "Attention"
 
 
-def attention_with_keys(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
+def attention_with_keys(attn: nn.Module, x: torch.Tensor,
                         state: MergeState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """timm ``Attention`` on ``x`` with an additive key bias.
+    """timm ``Attention`` on ``x``, proportional to the token sizes when the state says so.
 
     Returns the output, the head-mean keys and, when the algorithm asks for it, the
     attention each token receives from the first prefix token (one query row, so the fused
@@ -39,26 +40,26 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor | N
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    received = received_attention(q, k, attn.scale, bias, state) if state.needs_attention else None
+    received = None
+    if state.needs_attention:
+        received = received_attention(q, k, attn.scale, state.attention_bias(x.dtype), state)
     dropout = attn.attn_drop.p if attn.training else 0.0
     if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        sizes = state.sizes if state.config.prop_attn else None
+        out = proportional_attention(q, k, v, sizes, attn.scale, dropout)
     else:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
+        bias = state.attention_bias(x.dtype)
         if bias is not None:
             logits = logits + bias
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), k.mean(dim=1), received
-
-
-def _metric(config: MergeConfig, keys: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    return keys if config.metric == "keys" else hidden
 
 
 class MergingBlock:
@@ -69,10 +70,9 @@ class MergingBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        h, keys, received = attention_with_keys(
-            self.attn, self.norm1(x), merge_state.attention_bias(x.dtype), merge_state)
-        x = x + self.drop_path1(self.ls1(h))
-        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index, received)
+        h, keys, received = attention_with_keys(self.attn, self.norm1(x), merge_state)
+        x = merge_state.merge_residual(x, self.drop_path1(self.ls1(h)), keys, block_index,
+                                       received)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -84,10 +84,9 @@ class MergingResPostBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        h, keys, received = attention_with_keys(
-            self.attn, x, merge_state.attention_bias(x.dtype), merge_state)
-        x = x + self.drop_path1(self.norm1(h))
-        x = merge_state.merge(x, _metric(merge_state.config, keys, x), block_index, received)
+        h, keys, received = attention_with_keys(self.attn, x, merge_state)
+        x = merge_state.merge_residual(x, self.drop_path1(self.norm1(h)), keys, block_index,
+                                       received)
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
 

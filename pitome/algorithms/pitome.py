@@ -7,10 +7,12 @@ from typing import Literal
 
 import torch
 
-from ..core.energy import EnergyKind, cosine_similarity, energy_score, unit_rows
+from ..core.energy import EnergyKind
 from ..core.matching import match_top_edges
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
+from ..kernels.energy import token_energy
+from ..kernels.sort import argsort_rows
 from .tome import ToMe
 
 
@@ -29,7 +31,7 @@ class PiToMe:
     energy-ordered split).
 
     Args:
-        energy: ``"elu"`` (vision) or ``"gaussian"`` (text), see :func:`energy_score`.
+        energy: ``"elu"`` (vision) or ``"gaussian"`` (text), see :func:`pitome.core.energy.energy_score`.
         split: ``"alternate"`` or ``"contiguous"``.
         pool: size of the mergeable pool in units of ``2r`` (≥ 1, ``math.inf`` for all tokens).
         alpha: the ELU's α.
@@ -49,16 +51,15 @@ class PiToMe:
         self.size_weighted = size_weighted
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
-        unit = unit_rows(metric[:, ctx.num_prefix:])
+        mergeable = metric[:, ctx.num_prefix:]
         weights = None
         if self.size_weighted and ctx.sizes is not None:
             weights = ctx.sizes[:, ctx.num_prefix:, 0]
-        energy = energy_score(cosine_similarity(unit), ctx.margin, self.energy, self.alpha,
-                              weights)
+        energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
         if ctx.padding is not None:
             # Padding ranks last: it is protected before any real token is.
             energy = energy.masked_fill(~ctx.padding[:, ctx.num_prefix:], float("-inf"))
-        order = energy.argsort(dim=-1, descending=True)
+        order = argsort_rows(energy, descending=True)
         tokens = order.shape[1]
         pooled = tokens if math.isinf(self.pool) else min(tokens, int(round(2 * ctx.r * self.pool)))
         candidates, protected = order[:, :pooled], order[:, pooled:]
@@ -67,7 +68,7 @@ class PiToMe:
         else:
             half = pooled // 2
             a_idx, b_idx = candidates[:, :half], candidates[:, half:]
-        return match_top_edges(unit, a_idx, b_idx, ctx.r, ctx.num_prefix,
+        return match_top_edges(mergeable, a_idx, b_idx, ctx.r, ctx.num_prefix,
                                protected=protected if pooled < tokens else None,
                                padding=ctx.padding)
 

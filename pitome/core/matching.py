@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.partner import best_partner
+from ..kernels.sort import argsort_rows
+from .energy import unit_rows
 from .plan import MergePlan, assemble, gather_rows
 
 
@@ -17,28 +20,28 @@ def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,
     return scores.masked_fill(real_a != real_b, float("-inf"))
 
 
-def match_top_edges(unit: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int,
+def match_top_edges(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int,
                     num_prefix: int, protected: torch.Tensor | None = None,
-                    padding: torch.Tensor | None = None,
-                    scores: torch.Tensor | None = None) -> MergePlan:
+                    padding: torch.Tensor | None = None) -> MergePlan:
     """Bipartite soft matching (ToMe, Bolya et al. 2023, §3).
 
     Every token of set A proposes its most similar token of set B; the ``r`` proposals with
-    the highest similarity merge, the other A tokens stay. ``unit`` holds L2-normalised
+    the highest cosine similarity merge, the other A tokens stay. ``metric`` holds the
     metrics of the non-prefix tokens; indices are relative to them. ``protected`` tokens
     take part in nothing and pass unchanged. When ``|A| = r`` every A token merges, which is
-    PiToMe's rule (SPEC §4 step 3). ``scores`` (``B×|A|×|B|``), when the caller already
-    has them, replace the cosine products of ``unit``.
+    PiToMe's rule (SPEC §4 step 3).
     """
-    if scores is None:
+    if padding is None:
+        best_score, best_b = best_partner(metric, a_idx, b_idx)
+    else:
+        unit = unit_rows(metric)
         scores = gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
-    if padding is not None:
         scores = forbid_padding_pairs(scores, padding[:, num_prefix:], a_idx, b_idx)
-    best_score, best_b = scores.max(dim=-1)
+        best_score, best_b = scores.max(dim=-1)
     if r == a_idx.shape[1]:
         src, dst, stay = a_idx, best_b, a_idx[:, :0]
     else:
-        order = best_score.argsort(dim=-1, descending=True)
+        order = argsort_rows(best_score, descending=True)
         src_pos, stay = order[:, :r], a_idx.gather(1, order[:, r:])
         src, dst = a_idx.gather(1, src_pos), best_b.gather(1, src_pos)
     kept = stay if protected is None else torch.cat([protected, stay], dim=1)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.merge import merge_tokens
 from .plan import MergePlan
 from .registry import Algorithm, MergeContext
 from .schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
@@ -123,20 +124,37 @@ class MergeState:
             self.plans[block] = plan
         return x
 
+    def merge_residual(self, x: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor,
+                       block: int, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """``x + residual`` merged as :meth:`merge` would, with the add fused into the merge
+        where the merge kernel runs (one pass over the tokens instead of two).
+
+        ``keys`` are the head-mean attention keys; with ``metric="hidden"`` the metric is
+        ``x + residual`` itself.
+        """
+        r = self.merges[block]
+        if r == 0 or self.padding is not None or self.config.metric != "keys":
+            x = x + residual
+            return self.merge(x, keys if self.config.metric == "keys" else x, block, attention)
+        x, self.sizes, self.source, plan = self._plan_and_apply(
+            x, keys, self.sizes, self.source, r, block, attention, residual)
+        if self.config.keep_plans:
+            self.plans[block] = plan
+        return x
+
     def _plan_and_apply(self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None,
                         source: torch.Tensor | None, r: int, block: int,
-                        attention: torch.Tensor | None):
-        """Ask the algorithm for a plan removing ``r`` tokens; apply it to ``x``, the sizes
-        (None while all are 1) and the sources. Returns the three and the plan."""
+                        attention: torch.Tensor | None, residual: torch.Tensor | None = None):
+        """Ask the algorithm for a plan removing ``r`` tokens; apply it to ``x`` (plus
+        ``residual``), the sizes (None while all are 1) and the sources. Returns the three
+        and the plan."""
         ctx = MergeContext(r=r, num_prefix=self.num_prefix, block=block,
                            num_blocks=self.num_blocks,
                            margin=resolve_margin(self.config.margin, block, self.num_blocks),
                            sizes=sizes, attention=None if attention is None else attention.detach())
         with torch.no_grad():
             plan = self.config.algorithm(metric.detach(), ctx)
-        if sizes is None:
-            sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
-        x, sizes = plan.weighted_mean(x, sizes)
+        x, sizes = merge_tokens(plan, x, sizes, residual)
         return x, sizes, None if source is None else plan.apply(source, "amax"), plan
 
     def _merge_rows_by_length(self, x: torch.Tensor, metric: torch.Tensor, block: int,

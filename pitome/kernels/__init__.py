@@ -1,0 +1,17 @@
+"""Fused kernels of the merge path, each with a PyTorch twin that runs where it cannot.
+
+- :func:`token_energy`: PiToMe's energy score without the ``T×T`` similarity in memory;
+- :func:`best_partner`: bipartite matching's best edge per token without the score matrix;
+- :func:`merge_tokens`: a merge plan applied to the features, fused with the residual add.
+
+The Triton kernels run on CUDA tensors when Triton is installed; :func:`kernel_backend` and
+the ``PITOME_KERNELS`` environment variable choose otherwise (see :mod:`.backend`).
+"""
+
+from .backend import Backend, kernel_backend, triton_available, use_triton
+from .energy import token_energy
+from .merge import merge_tokens, sources_by_destination
+from .partner import best_partner
+
+__all__ = ["Backend", "best_partner", "kernel_backend", "merge_tokens", "sources_by_destination",
+           "token_energy", "triton_available", "use_triton"]

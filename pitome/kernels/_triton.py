@@ -1,0 +1,202 @@
+"""The Triton kernels. Imported only when a kernel runs, so Triton stays optional."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ELU, GAUSSIAN = 0, 1
+
+
+@triton.jit
+def _unit_rows(base, rows, valid, dim, stride_t, cols, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` of a ``T×d`` metric at ``base`` in float32, scaled to unit length
+    (``F.normalize``: divided by ``max(‖x‖, 1e-12)``); invalid rows and columns are zero."""
+    inside = valid[:, None] & (cols[None, :] < dim)
+    x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    return x / tl.maximum(norm, 1e-12)[:, None]
+
+
+@triton.jit
+def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, stride_t,
+                  margin, alpha, sigma, KIND: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Energy of ``BLOCK_I`` tokens of one item: their cosine rows are built ``BLOCK_J``
+    columns at a time and reduced at once, so the ``T×T`` similarity never reaches memory."""
+    item = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    cols = tl.arange(0, BLOCK_D)
+    base = metric_ptr + item * stride_b
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, cols, BLOCK_D)
+    total = tl.zeros([BLOCK_I], dtype=tl.float32)
+    weight_sum = tl.zeros([BLOCK_J], dtype=tl.float32)
+    for start in range(0, tokens, BLOCK_J):
+        others = start + tl.arange(0, BLOCK_J)
+        valid = others < tokens
+        unit_j = _unit_rows(base, others, valid, dim, stride_t, cols, BLOCK_D)
+        similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
+        if KIND == 0:
+            shifted = similarity - margin
+            terms = tl.where(shifted > 0, shifted, alpha * (tl.exp(shifted) - 1.0))
+        else:
+            distance = (1.0 - similarity) / sigma
+            terms = tl.exp(-0.5 * distance * distance)
+        if HAS_WEIGHTS:
+            weight = tl.load(weights_ptr + item * tokens + others, mask=valid, other=0.0)
+        else:
+            weight = valid.to(tl.float32)
+        total += tl.sum(terms * weight[None, :], axis=1)
+        weight_sum += weight
+    energy = total / tl.sum(weight_sum, axis=0)
+    tl.store(out_ptr + item * tokens + rows, energy, mask=rows < tokens)
+
+
+@triton.jit
+def best_partner_kernel(metric_ptr, a_ptr, b_ptr, score_ptr, index_ptr, num_a, num_b, dim,
+                        stride_b, stride_t, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """For ``BLOCK_A`` tokens of set A of one item: the most similar token of set B (its
+    position in B, first on ties) and the cosine similarity, without the ``|A|×|B|`` scores."""
+    item = tl.program_id(0).to(tl.int64)
+    positions = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    in_a = positions < num_a
+    cols = tl.arange(0, BLOCK_D)
+    base = metric_ptr + item * stride_b
+    rows_a = tl.load(a_ptr + item * num_a + positions, mask=in_a, other=0)
+    unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, cols, BLOCK_D)
+    best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    best_at = tl.zeros([BLOCK_A], dtype=tl.int64)
+    for start in range(0, num_b, BLOCK_B):
+        others = start + tl.arange(0, BLOCK_B)
+        in_b = others < num_b
+        rows_b = tl.load(b_ptr + item * num_b + others, mask=in_b, other=0)
+        unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, cols, BLOCK_D)
+        scores = tl.dot(unit_a, tl.trans(unit_b), input_precision=PRECISION)
+        scores = tl.where(in_b[None, :], scores, float("-inf"))
+        top, top_at = tl.max(scores, axis=1, return_indices=True,
+                             return_indices_tie_break_left=True)
+        better = top > best
+        best = tl.where(better, top, best)
+        best_at = tl.where(better, top_at.to(tl.int64) + start, best_at)
+    tl.store(score_ptr + item * num_a + positions, best, mask=in_a)
+    tl.store(index_ptr + item * num_a + positions, best_at, mask=in_a)
+
+
+@triton.jit
+def _token(x_ptr, residual_ptr, row, channels, cols, inside, HAS_RESIDUAL: tl.constexpr):
+    """Row ``row`` of ``x`` (plus the residual branch, rounded as ``x + residual`` would be)."""
+    offsets = row * channels + cols
+    value = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        value += tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        value = value.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return value
+
+
+@triton.jit
+def merge_rows_kernel(x_ptr, residual_ptr, sizes_ptr, keep_ptr, offsets_ptr, sources_ptr,
+                      out_ptr, new_sizes_ptr, channels, HAS_RESIDUAL: tl.constexpr,
+                      HAS_SIZES: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One output token: its kept row ``d`` and the rows ``i`` merged into it become
+    ``x_d + Σ_i s_i (x_i − x_d) / s′_d`` with ``s′_d = s_d + Σ_i s_i``, in float32."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    inside = cols < channels
+    kept = tl.load(keep_ptr + row)
+    first = tl.load(offsets_ptr + row)
+    last = tl.load(offsets_ptr + row + 1)
+    if HAS_SIZES:
+        size = tl.load(sizes_ptr + kept)
+    else:
+        size = tl.full([], 1.0, dtype=tl.float32)
+    for j in range(first, last):
+        if HAS_SIZES:
+            size += tl.load(sizes_ptr + tl.load(sources_ptr + j))
+        else:
+            size += 1.0
+    target = _token(x_ptr, residual_ptr, kept, channels, cols, inside, HAS_RESIDUAL)
+    merged = target
+    for j in range(first, last):
+        source = tl.load(sources_ptr + j)
+        if HAS_SIZES:
+            share = tl.load(sizes_ptr + source) / size
+        else:
+            share = 1.0 / size
+        value = _token(x_ptr, residual_ptr, source, channels, cols, inside, HAS_RESIDUAL)
+        merged += share * (value - target)
+    tl.store(out_ptr + row * channels + cols, merged.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(new_sizes_ptr + row, size)
+
+
+@triton.jit
+def proportional_attention_kernel(
+        q_ptr, k_ptr, v_ptr, sizes_ptr, out_ptr, heads, tokens, scale_log2,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """``softmax(q kᵀ·scale + log s) v`` for ``BLOCK_M`` queries of one head: flash
+    attention (online softmax over key blocks, base 2) with each key's ``log₂ s`` added to
+    its logits, so the bias costs one load per key instead of the fused kernel.
+    ``UPCAST`` computes the products in float32 (Triton's interpreter has no bf16 ``dot``)."""
+    item_head = tl.program_id(1).to(tl.int64)
+    item, head = item_head // heads, item_head % heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    in_dims = dims < HEAD_DIM
+    q = tl.load(q_ptr + item * stride_qb + head * stride_qh + rows[:, None] * stride_qt
+                + dims[None, :], mask=(rows < tokens)[:, None] & in_dims[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = k_ptr + item * stride_kb + head * stride_kh
+    v_base = v_ptr + item * stride_vb + head * stride_vh
+    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, tokens, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        valid = keys < tokens
+        inside = valid[:, None] & in_dims[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kt + dims[None, :], mask=inside, other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vt + dims[None, :], mask=inside, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        sizes = tl.load(sizes_ptr + item * tokens + keys, mask=valid, other=1.0)
+        logits = tl.dot(q, tl.trans(k)) * scale_log2 + tl.log2(sizes)[None, :]
+        logits = tl.where(valid[None, :], logits, float("-inf"))
+        new_top = tl.maximum(top, tl.max(logits, axis=1))
+        decay = tl.exp2(top - new_top)
+        weights = tl.exp2(logits - new_top[:, None])
+        total = total * decay + tl.sum(weights, axis=1)
+        acc = acc * decay[:, None] + tl.dot(weights.to(v.dtype), v)
+        top = new_top
+    out = acc / total[:, None]
+    tl.store(out_ptr + item * stride_ob + head * stride_oh + rows[:, None] * stride_ot
+             + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(rows < tokens)[:, None] & in_dims[None, :])
+
+
+@triton.jit
+def row_ranks_kernel(values_ptr, order_ptr, length, DESCENDING: tl.constexpr,
+                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Stable argsort of one short row by counting: an element's place is the number of
+    elements that come before it (larger, or equal and earlier, when descending)."""
+    item = tl.program_id(0).to(tl.int64)
+    mine = tl.arange(0, BLOCK)
+    valid = mine < length
+    value = tl.load(values_ptr + item * length + mine, mask=valid, other=0)
+    place = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, length, CHUNK):
+        others = start + tl.arange(0, CHUNK)
+        other = tl.load(values_ptr + item * length + others, mask=others < length, other=0)
+        if DESCENDING:
+            ahead = other[None, :] > value[:, None]
+        else:
+            ahead = other[None, :] < value[:, None]
+        ahead |= (other[None, :] == value[:, None]) & (others[None, :] < mine[:, None])
+        ahead &= (others < length)[None, :]
+        place += tl.sum(ahead.to(tl.int32), axis=1)
+    tl.store(order_ptr + item * length + place, mine.to(tl.int64), mask=valid)

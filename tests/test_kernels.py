@@ -1,0 +1,224 @@
+"""The Triton kernels against their PyTorch twins, and the whole merge path on each backend.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``conftest.py`` turns it
+on; slow, exact in fp32), so CI checks the kernels' logic; on a GPU they run compiled (``pytest tests/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import build, images  # noqa: E402
+
+import pitome  # noqa: E402
+from pitome.algorithms.pitome import PiToMe  # noqa: E402
+from pitome.algorithms.tome import ToMe  # noqa: E402
+from pitome.core.plan import prune  # noqa: E402
+from pitome.core.registry import MergeContext  # noqa: E402
+from pitome.kernels import attention  # noqa: E402
+from pitome.kernels.attention import proportional_attention  # noqa: E402
+from pitome.kernels.sort import argsort_rows  # noqa: E402
+from pitome.kernels import best_partner, kernel_backend, merge_tokens, sources_by_destination, \
+    token_energy, use_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def attention_kernel_at_every_length(monkeypatch):
+    """The tiny test models have fewer tokens than the attention kernel's threshold."""
+    monkeypatch.setattr(attention, "MIN_TOKENS", 0)
+
+
+def both(fn):
+    """``fn()`` on the Triton kernels and on the PyTorch twin."""
+    with kernel_backend("triton"):
+        fast = fn()
+    with kernel_backend("torch"):
+        reference = fn()
+    return fast, reference
+
+
+def metric(batch: int, tokens: int, dim: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, tokens, dim, generator=generator).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("kind", ["elu", "gaussian"])
+@pytest.mark.parametrize("tokens,dim", [(9, 8), (70, 64), (150, 48)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_energy_kernel_matches_torch(kind, tokens, dim, weighted):
+    x = metric(3, tokens + 1, dim)[:, 1:]  # a strided view, as the non-prefix tokens are
+    weights = metric(3, tokens, 1, seed=1)[..., 0].abs() + 1 if weighted else None
+    fast, reference = both(lambda: token_energy(x, 0.4, kind, 1.0, weights))
+    assert fast.shape == (3, tokens) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, reference, atol=2e-6, rtol=1e-5)
+
+
+def test_energy_kernel_reads_bf16_metrics():
+    x = metric(2, 100, 64, dtype=torch.bfloat16)
+    fast, reference = both(lambda: token_energy(x, 0.5))
+    torch.testing.assert_close(fast, reference, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_a,num_b", [(5, 7), (70, 90), (98, 99)])
+def test_best_partner_kernel_matches_torch(num_a, num_b):
+    x = metric(4, num_a + num_b, 32)
+    order = torch.stack([torch.randperm(num_a + num_b, generator=torch.Generator().manual_seed(i))
+                         for i in range(4)]).to(DEVICE)
+    a_idx, b_idx = order[:, :num_a], order[:, num_a:]
+    (score, index), (ref_score, ref_index) = both(lambda: best_partner(x, a_idx, b_idx))
+    torch.testing.assert_close(score, ref_score, atol=2e-6, rtol=1e-5)
+    assert torch.equal(index, ref_index)
+
+
+def test_best_partner_kernel_takes_expanded_indices():
+    x = metric(3, 40, 16)
+    a_idx = torch.arange(0, 40, 2, device=DEVICE).expand(3, -1)
+    b_idx = torch.arange(1, 40, 2, device=DEVICE).expand(3, -1)
+    (score, index), (ref_score, ref_index) = both(lambda: best_partner(x, a_idx, b_idx))
+    torch.testing.assert_close(score, ref_score, atol=2e-6, rtol=1e-5)
+    assert torch.equal(index, ref_index)
+
+
+@pytest.mark.parametrize("tokens,head_dim", [(9, 16), (70, 64), (150, 48)])
+def test_attention_kernel_matches_sdpa_with_log_size_bias(tokens, head_dim):
+    batch, heads = 2, 3
+    # q, k, v as strided views of one projection, as timm's Attention makes them.
+    qkv = metric(batch, tokens, 3 * heads * head_dim, dtype=torch.bfloat16)
+    q, k, v = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    sizes = torch.randint(1, 6, (batch, tokens, 1), device=DEVICE).float()
+    fast, reference = both(lambda: proportional_attention(q, k, v, sizes, head_dim ** -0.5))
+    assert fast.shape == (batch, tokens, heads * head_dim)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=sizes.log().transpose(1, 2).unsqueeze(1))
+    exact = exact.transpose(1, 2).reshape(batch, tokens, -1)
+    assert (fast.float() - exact).abs().max() <= 2 * (reference.float() - exact).abs().max() + 1e-2
+
+
+def test_attention_without_sizes_is_plain_sdpa():
+    q, k, v = (metric(2, 3, 10 * 16, seed=i, dtype=torch.bfloat16).view(2, 3, 10, 16)
+               for i in range(3))
+    with kernel_backend("triton"):
+        out = proportional_attention(q, k, v, None, 0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
+    assert torch.equal(out, expected.transpose(1, 2).reshape(2, 10, 48))
+
+
+@pytest.mark.parametrize("length", [1, 7, 100, 300])
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.long])
+def test_row_argsort_kernel_is_torch_stable_argsort(length, descending, dtype):
+    generator = torch.Generator().manual_seed(length)
+    values = torch.randint(0, max(2, length // 3), (5, length), generator=generator)  # ties
+    values = values.to(DEVICE, dtype)
+    fast, reference = both(lambda: argsort_rows(values, descending))
+    assert torch.equal(fast, reference)
+
+
+def plan_for(algorithm, x: torch.Tensor, r: int, num_prefix: int = 1):
+    ctx = MergeContext(r=r, num_prefix=num_prefix, block=0, num_blocks=1, margin=0.5)
+    with kernel_backend("torch"):
+        return algorithm(x, ctx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algorithm", [ToMe(), PiToMe()], ids=["tome", "pitome"])
+@pytest.mark.parametrize("with_sizes", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_merge_kernel_matches_weighted_mean(dtype, algorithm, with_sizes, with_residual):
+    batch, tokens, channels = 3, 33, 40
+    x = metric(batch, tokens, channels, seed=2, dtype=dtype)
+    residual = metric(batch, tokens, channels, seed=3, dtype=dtype) if with_residual else None
+    sizes = (metric(batch, tokens, 1, seed=4).abs() + 1).round() if with_sizes else None
+    plan = plan_for(algorithm, metric(batch, tokens, 8, seed=5), r=10)
+    (out, new_sizes), (ref_out, ref_sizes) = both(lambda: merge_tokens(plan, x, sizes, residual))
+    assert out.shape == (batch, tokens - 10, channels) and out.dtype == dtype
+    torch.testing.assert_close(new_sizes, ref_sizes)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref_out.float(), **tolerance)
+    expected_total = torch.full((batch, 1), float(tokens), device=DEVICE) if sizes is None \
+        else sizes.sum(dim=1)
+    torch.testing.assert_close(new_sizes.sum(dim=1), expected_total)
+
+
+def test_merge_kernel_copies_tokens_that_nothing_merges_into_exactly():
+    x = metric(2, 20, 24, dtype=torch.bfloat16)
+    plan = plan_for(ToMe(), metric(2, 20, 8, seed=6), r=3)
+    with kernel_backend("triton"):
+        out, _ = merge_tokens(plan, x, None)
+    receivers = set(plan.dst_rows.tolist())
+    for row, source_row in enumerate(plan.keep_rows.tolist()):
+        if row not in receivers:
+            assert torch.equal(out.view(-1, 24)[row], x.view(-1, 24)[source_row])
+
+
+def test_merge_kernel_applies_pruning_plans():
+    x = metric(2, 12, 16)
+    kept = torch.tensor([[0, 2, 4, 6], [1, 3, 5, 7]], device=DEVICE)
+    dropped = torch.tensor([[1, 3, 5, 7, 8, 9, 10], [0, 2, 4, 6, 8, 9, 10]], device=DEVICE)
+    plan = prune(1, kept, dropped)
+    (out, sizes), (ref_out, ref_sizes) = both(lambda: merge_tokens(plan, x, None))
+    assert torch.equal(out, ref_out) and torch.equal(sizes, ref_sizes)
+
+
+def test_sources_by_destination_partitions_the_merged_rows():
+    plan = plan_for(ToMe(), metric(3, 30, 8), r=9)
+    offsets, sources = sources_by_destination(plan, plan.keep_rows.numel())
+    assert offsets[0] == 0 and offsets[-1] == plan.src_rows.numel()
+    assert torch.all(offsets[1:] >= offsets[:-1])
+    for row in range(plan.keep_rows.numel()):
+        expected = plan.src_rows[plan.dst_rows == row].sort().values
+        assert torch.equal(sources[offsets[row]:offsets[row + 1]].sort().values, expected)
+
+
+def groups(plan) -> list[list[tuple[int, ...]]]:
+    """Each item's merged groups (input tokens per output token), whatever their order."""
+    membership = plan.membership().bool().cpu()
+    return [sorted(tuple(row.nonzero().flatten().tolist()) for row in item)
+            for item in membership]
+
+
+@pytest.mark.parametrize("algo", ["tome", "pitome", "pitome_paper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patched_model_merges_the_same_on_both_backends(variant, algo, dtype):
+    model = build(variant).to(DEVICE, dtype)
+    pitome.patch(model, algo=algo, ratio=0.8, keep_plans=True)
+    x = images(2).to(DEVICE, dtype)
+    with torch.no_grad():
+        (fast, fast_plans), (reference, reference_plans) = both(
+            lambda: (model(x), dict(pitome.merge_info(model).plans)))
+    # Same input, same merges. In bf16 the merged features of the two paths round
+    # differently, so later blocks may break near-ties differently; fp32 agrees throughout.
+    compared = reference_plans if dtype == torch.float32 else [min(reference_plans)]
+    for block in compared:
+        assert groups(fast_plans[block]) == groups(reference_plans[block]), block
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(fast.float(), reference.float(), **tolerance)
+
+
+def test_kernels_step_aside_for_gradients():
+    x = metric(2, 10, 8).requires_grad_()
+    with kernel_backend("triton"):
+        assert not use_triton(x)
+        with torch.no_grad():
+            assert use_triton(x)
+
+
+def test_backend_choice_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with kernel_backend("cuda"):  # type: ignore[arg-type]
+            pass
+    monkeypatch.setenv("PITOME_KERNELS", "fast")
+    with pytest.raises(ValueError, match="PITOME_KERNELS must be one of"):
+        use_triton(metric(1, 2, 2))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors only run Triton in its interpreter")
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kernel_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        use_triton(metric(1, 2, 2))
