@@ -222,3 +222,14 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with kernel_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         use_triton(metric(1, 2, 2))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile runs the kernels only on a GPU")
+def test_compiled_model_runs_the_kernels_without_graph_breaks():
+    model = build("vit").to(DEVICE, torch.bfloat16)
+    pitome.patch(model, algo="pitome", ratio=0.8)
+    x = images(4).to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=5e-2, rtol=5e-2)

@@ -111,36 +111,34 @@ class MergeState:
         return getattr(self.config.algorithm, "needs_attention", False)
 
     def merge(self, x: torch.Tensor, metric: torch.Tensor, block: int,
-              attention: torch.Tensor | None = None) -> torch.Tensor:
-        """Merge the scheduled number of tokens of ``x`` (between attention and MLP)."""
+              attention: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Merge the scheduled number of tokens of ``x`` (between attention and MLP).
+
+        With ``residual`` the tokens merged are ``x + residual``; the add is then fused into
+        the merge where the merge kernel runs (one pass over the tokens instead of two).
+        """
         r = self.merges[block]
+        if residual is not None and (r == 0 or self.padding is not None):
+            x, residual = x + residual, None
         if r == 0:
             return x
         if self.padding is not None:
             return self._merge_rows_by_length(x, metric, block, attention)
         x, self.sizes, self.source, plan = self._plan_and_apply(
-            x, metric, self.sizes, self.source, r, block, attention)
+            x, metric, self.sizes, self.source, r, block, attention, residual)
         if self.config.keep_plans:
             self.plans[block] = plan
         return x
 
     def merge_residual(self, x: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor,
                        block: int, attention: torch.Tensor | None = None) -> torch.Tensor:
-        """``x + residual`` merged as :meth:`merge` would, with the add fused into the merge
-        where the merge kernel runs (one pass over the tokens instead of two).
-
-        ``keys`` are the head-mean attention keys; with ``metric="hidden"`` the metric is
-        ``x + residual`` itself.
-        """
-        r = self.merges[block]
-        if r == 0 or self.padding is not None or self.config.metric != "keys":
-            x = x + residual
-            return self.merge(x, keys if self.config.metric == "keys" else x, block, attention)
-        x, self.sizes, self.source, plan = self._plan_and_apply(
-            x, keys, self.sizes, self.source, r, block, attention, residual)
-        if self.config.keep_plans:
-            self.plans[block] = plan
-        return x
+        """``x + residual`` merged on the configured metric: ``keys`` (the head-mean
+        attention keys) or, with ``metric="hidden"``, ``x + residual`` itself."""
+        if self.config.metric == "keys":
+            return self.merge(x, keys, block, attention, residual)
+        x = x + residual
+        return self.merge(x, x, block, attention)
 
     def _plan_and_apply(self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None,
                         source: torch.Tensor | None, r: int, block: int,

@@ -26,6 +26,9 @@ def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, strid
                   PRECISION: tl.constexpr):
     """Energy of ``BLOCK_I`` tokens of one item: their cosine rows are built ``BLOCK_J``
     columns at a time and reduced at once, so the ``T×T`` similarity never reaches memory."""
+    # torch.compile passes Python floats as float64; keep the arithmetic in float32.
+    margin = tl.cast(margin, tl.float32)
+    alpha, sigma = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32)
     item = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     cols = tl.arange(0, BLOCK_D)
@@ -142,6 +145,7 @@ def proportional_attention_kernel(
     attention (online softmax over key blocks, base 2) with each key's ``log₂ s`` added to
     its logits, so the bias costs one load per key instead of the fused kernel.
     ``UPCAST`` computes the products in float32 (Triton's interpreter has no bf16 ``dot``)."""
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # float64 under torch.compile
     item_head = tl.program_id(1).to(tl.int64)
     item, head = item_head // heads, item_head % heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -10,7 +10,6 @@ Choose with the ``PITOME_KERNELS`` environment variable or :func:`kernel_backend
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -32,10 +31,12 @@ def _chosen() -> Backend:
     return choice  # type: ignore[return-value]
 
 
-@functools.cache
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Whether Triton can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
