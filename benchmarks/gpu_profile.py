@@ -9,32 +9,14 @@ tokens after each attention): the physical limit of that schedule (SPEC §11).
 from __future__ import annotations
 
 import argparse
-import types
 
 import torch
 import torch.nn.functional as F
 
 import pitome
-from pitome.bench import time_forward
+from pitome.bench import oracle_forward, time_forward
 from pitome.core.schedule import TokenSchedule, token_counts
 from pitome.models import create_timm_model
-
-
-def oracle_forward(model, counts):
-    """Bind a forward that slices tokens to ``counts`` instead of merging."""
-
-    def block_forward(block, x, keep):
-        x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-        x = x[:, :keep]
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-    def forward(self, images):
-        x = self.norm_pre(self._pos_embed(self.patch_embed(images)))
-        for block, keep in zip(self.blocks, counts[1:]):
-            x = block_forward(block, x, keep)
-        return self.forward_head(self.norm(x))
-
-    return types.MethodType(forward, model)
 
 
 def main() -> None:

@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from .state import MergeState
 
 
+def log_size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention's additive ``B×1×1×T`` key bias ``log s`` from ``B×T×1`` sizes."""
+    return sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                         bias: torch.Tensor | None = None, dropout: float = 0.0,
                         scale: float | None = None) -> torch.Tensor:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.partner import best_partner
+from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
-from .energy import unit_rows
-from .plan import MergePlan, assemble, gather_rows
+from .plan import MergePlan, assemble
 
 
 def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,
@@ -34,9 +33,8 @@ def match_top_edges(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tens
     if padding is None:
         best_score, best_b = best_partner(metric, a_idx, b_idx)
     else:
-        unit = unit_rows(metric)
-        scores = gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
-        scores = forbid_padding_pairs(scores, padding[:, num_prefix:], a_idx, b_idx)
+        scores = forbid_padding_pairs(pair_scores(metric, a_idx, b_idx), padding[:, num_prefix:],
+                                      a_idx, b_idx)
         best_score, best_b = scores.max(dim=-1)
     if r == a_idx.shape[1]:
         src, dst, stay = a_idx, best_b, a_idx[:, :0]

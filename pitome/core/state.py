@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.merge import merge_tokens
+from .attention import log_size_bias
 from .plan import MergePlan
 from .registry import Algorithm, MergeContext
 from .schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
@@ -97,7 +98,7 @@ class MergeState:
         the dtype's minimum on padding; None when neither applies."""
         bias = None
         if self.config.prop_attn and self.sizes is not None:
-            bias = self.sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
+            bias = log_size_bias(self.sizes, dtype)
         if self.padding is not None:
             blocked = torch.zeros(self.padding.shape, dtype=dtype, device=self.padding.device)
             blocked.masked_fill_(~self.padding, torch.finfo(dtype).min)

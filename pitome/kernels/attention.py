@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..core.attention import log_size_bias
 from .backend import interpreting, use_triton
 from .launch import next_power_of_2
 
@@ -35,7 +36,7 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, heads, tokens, head_dim = q.shape
     if (sizes is None or dropout > 0.0 or head_dim > 256 or tokens < MIN_TOKENS
             or q.dtype not in (torch.bfloat16, torch.float16) or not use_triton(q, k, v)):
-        bias = None if sizes is None else sizes.log().to(q.dtype).transpose(1, 2).unsqueeze(1)
+        bias = None if sizes is None else log_size_bias(sizes, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
                                              scale=scale)
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)

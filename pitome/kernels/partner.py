@@ -12,6 +12,12 @@ from .launch import MAX_METRIC_DIM, dot_precision, metric_block
 BLOCK_TOKENS = 64
 
 
+def pair_scores(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+    """``B×|A|×|B|`` cosine similarities between the A and B tokens of a ``B×T×d`` metric."""
+    unit = unit_rows(metric)
+    return gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
+
+
 def best_partner(metric: torch.Tensor, a_idx: torch.Tensor,
                  b_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity of each A token's closest B token, and that token's position in B.
@@ -22,9 +28,7 @@ def best_partner(metric: torch.Tensor, a_idx: torch.Tensor,
     """
     batch, _, dim = metric.shape
     if dim > MAX_METRIC_DIM or not use_triton(metric):
-        unit = unit_rows(metric)
-        scores = gather_rows(unit, a_idx) @ gather_rows(unit, b_idx).transpose(-1, -2)
-        return scores.max(dim=-1)
+        return pair_scores(metric, a_idx, b_idx).max(dim=-1)
     from . import _triton
 
     if metric.stride(-1) != 1:
