@@ -16,6 +16,7 @@ from conftest import build, images  # noqa: E402
 import pitome  # noqa: E402
 from pitome.algorithms.pitome import PiToMe  # noqa: E402
 from pitome.algorithms.tome import ToMe  # noqa: E402
+from pitome.core.matching import bipartite_merge, match_top_edges  # noqa: E402
 from pitome.core.plan import prune  # noqa: E402
 from pitome.core.registry import MergeContext  # noqa: E402
 from pitome.kernels import attention  # noqa: E402
@@ -173,6 +174,64 @@ def test_sources_by_destination_partitions_the_merged_rows():
     for row in range(plan.keep_rows.numel()):
         expected = plan.src_rows[plan.dst_rows == row].sort().values
         assert torch.equal(sources[offsets[row]:offsets[row + 1]].sort().values, expected)
+
+
+def planned_both_ways(metric_tokens: torch.Tensor, r: int, num_prefix: int, **split):
+    """The fused plan (Triton) and the PyTorch plan of ``bipartite_merge``."""
+    fast, reference = both(lambda: bipartite_merge(metric_tokens, r, num_prefix, **split))
+    assert fast.grouped_sources is not None and reference.grouped_sources is None
+    return fast, reference
+
+
+def assert_same_plan(fast, reference) -> None:
+    for name in ("keep", "src", "dst"):
+        assert torch.equal(getattr(fast, name), getattr(reference, name)), name
+    offsets, sources = sources_by_destination(fast, fast.keep_rows.numel())
+    ref_offsets, ref_sources = sources_by_destination(reference, reference.keep_rows.numel())
+    assert torch.equal(offsets, ref_offsets) and torch.equal(sources, ref_sources)
+
+
+@pytest.mark.parametrize("tokens,r,start", [(8, 1, 0), (33, 10, 0), (33, 16, 1), (33, 17, 0),
+                                            (196, 60, 0), (197, 98, 1)])
+@pytest.mark.parametrize("num_prefix", [0, 1, 5])
+def test_fused_tome_plan_is_the_torch_plan(tokens, r, start, num_prefix):
+    x = metric(3, tokens, 16, seed=tokens + r)
+    assert_same_plan(*planned_both_ways(x, r, num_prefix, start=start))
+
+
+def test_fused_plan_breaks_ties_as_the_stable_sort_does():
+    # Every token is one of three vectors: most edges tie. PyTorch's matmul may round equal
+    # scores differently, so the reference is the unfused plan on the same score kernel.
+    x = metric(2, 3, 8)[:, torch.arange(40) % 3]
+    a_idx = torch.arange(0, 40, 2, device=DEVICE).expand(2, -1)
+    b_idx = torch.arange(1, 40, 2, device=DEVICE).expand(2, -1)
+    with kernel_backend("triton"):
+        fast = bipartite_merge(x, 12, 1)
+        unfused = match_top_edges(x, a_idx, b_idx, 12, 1)
+    assert_same_plan(fast, unfused)
+
+
+@pytest.mark.parametrize("split", ["alternate", "contiguous"])
+@pytest.mark.parametrize("pooled,r", [(20, 10), (31, 15), (40, 12), (60, 25)])
+def test_fused_plan_over_an_order_protects_the_rest(split, pooled, r):
+    tokens = 60
+    x = metric(3, tokens, 24, seed=pooled)
+    order = torch.stack([torch.randperm(tokens, generator=torch.Generator().manual_seed(i))
+                         for i in range(3)]).to(DEVICE)
+    fast, reference = planned_both_ways(x, r, 1, order=order, pooled=pooled, split=split)
+    assert_same_plan(fast, reference)
+
+
+def test_fused_plan_ranks_the_largest_set_a():
+    # ViT-L/16 at 384 px: 576 tokens, |A| = 288 fills the 512-wide rank block.
+    x = metric(1, 576, 64, seed=3)
+    assert_same_plan(*planned_both_ways(x, 200, 1))
+
+
+def test_fused_plan_steps_aside_beyond_its_limits():
+    x = metric(1, 1100, 8)  # |A| = 550 > MAX_SET
+    with kernel_backend("triton"):
+        assert bipartite_merge(x, 10, 1).grouped_sources is None
 
 
 def groups(plan) -> list[list[tuple[int, ...]]]:

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ..core.energy import EnergyKind
-from ..core.matching import match_top_edges
+from ..core.matching import bipartite_merge
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
 from ..kernels.energy import token_energy
@@ -62,14 +62,7 @@ class PiToMe:
         order = argsort_rows(energy, descending=True)
         tokens = order.shape[1]
         pooled = tokens if math.isinf(self.pool) else min(tokens, int(round(2 * ctx.r * self.pool)))
-        candidates, protected = order[:, :pooled], order[:, pooled:]
-        if self.split == "alternate":
-            a_idx, b_idx = candidates[:, 0::2], candidates[:, 1::2]
-        else:
-            half = pooled // 2
-            a_idx, b_idx = candidates[:, :half], candidates[:, half:]
-        return match_top_edges(mergeable, a_idx, b_idx, ctx.r, ctx.num_prefix,
-                               protected=protected if pooled < tokens else None,
+        return bipartite_merge(mergeable, ctx.r, ctx.num_prefix, order, pooled, self.split,
                                padding=ctx.padding)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.matching import match_top_edges
+from ..core.matching import bipartite_merge
 from ..core.plan import MergePlan
 from ..core.registry import MergeContext
 
@@ -25,12 +25,9 @@ class ToMe:
         self.prefix_parity = prefix_parity
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
-        tokens = metric[:, ctx.num_prefix:]
-        batch, count, _ = tokens.shape
         start = ctx.num_prefix % 2 if self.prefix_parity else 0
-        a_idx = torch.arange(start, count, 2, device=tokens.device).expand(batch, -1)
-        b_idx = torch.arange(1 - start, count, 2, device=tokens.device).expand(batch, -1)
-        return match_top_edges(tokens, a_idx, b_idx, ctx.r, ctx.num_prefix, padding=ctx.padding)
+        return bipartite_merge(metric[:, ctx.num_prefix:], ctx.r, ctx.num_prefix, start=start,
+                               padding=ctx.padding)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
         return (mergeable // 2) * ((mergeable + 1) // 2)

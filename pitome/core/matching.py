@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
+from typing import Literal, NamedTuple
+
 import torch
 
+from ..kernels.bipartite import bipartite_plan, set_tokens
 from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
 from .plan import MergePlan, assemble
+
+Split = Literal["alternate", "contiguous"]
+
+
+class TokenSet(NamedTuple):
+    """The places ``first, first + step, …`` (``count`` of them) in a list of tokens."""
+
+    first: int
+    step: int
+    count: int
+
+
+def split_pool(pooled: int, split: Split, start: int = 0) -> tuple[TokenSet, TokenSet]:
+    """Sets A and B of a pool of ``pooled`` tokens: alternating places (A from ``start``),
+    or the first half and the second."""
+    if split == "alternate":
+        return (TokenSet(start, 2, (pooled - start + 1) // 2),
+                TokenSet(1 - start, 2, (pooled - (1 - start) + 1) // 2))
+    half = pooled // 2
+    return TokenSet(0, 1, half), TokenSet(half, 1, pooled - half)
+
+
+def bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
+                    order: torch.Tensor | None = None, pooled: int | None = None,
+                    split: Split = "alternate", start: int = 0,
+                    padding: torch.Tensor | None = None) -> MergePlan:
+    """Bipartite soft matching over a pool of tokens (see :func:`match_top_edges`).
+
+    ``metric`` holds the non-prefix tokens. They are listed in ``order`` (``B×n``; None:
+    token order); the first ``pooled`` (default all) split into A and B by ``split``, the
+    rest are protected. On a GPU the plan comes from :func:`pitome.kernels.bipartite_plan`
+    in two launches, elsewhere (and with padding) from :func:`match_top_edges`.
+    """
+    batch, tokens, _ = metric.shape
+    pooled = tokens if pooled is None else pooled
+    set_a, set_b = split_pool(pooled, split, start)
+    if padding is None:
+        plan = bipartite_plan(metric, order, pooled, set_a, set_b, r, num_prefix)
+        if plan is not None:
+            return plan
+    a_idx = set_tokens(*set_a, order, batch, metric.device)
+    b_idx = set_tokens(*set_b, order, batch, metric.device)
+    protected = order[:, pooled:] if order is not None and pooled < tokens else None
+    return match_top_edges(metric, a_idx, b_idx, r, num_prefix, protected, padding)
 
 
 def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,

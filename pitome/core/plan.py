@@ -30,10 +30,14 @@ class MergePlan:
             averages with weights ``w·s`` instead of ``s``; sizes still add up as ``Σ s``.
         max_norm: give each merged token the largest norm in its group (ToFu's MLERP)
             instead of the norm of the average.
-        keep_rows, src_rows, dst_rows: the same indices into the flattened ``B·T`` input and
-            ``B·K`` output rows, computed once so that every tensor the plan is applied to
-            costs one row-wise ``index_select`` (far cheaper on a GPU than ``gather`` with an
-            index expanded over channels).
+        grouped_sources: optionally, the merges grouped by output row, as
+            :func:`pitome.kernels.sources_by_destination` returns them, from a planner that
+            had them at hand.
+
+    ``keep_rows``, ``src_rows`` and ``dst_rows`` are the same indices into the flattened
+    ``B·T`` input and ``B·K`` output rows, computed on first use, so that every tensor the
+    plan is applied to costs one row-wise ``index_select`` (far cheaper on a GPU than
+    ``gather`` with an index expanded over channels).
     """
 
     keep: torch.Tensor
@@ -42,18 +46,46 @@ class MergePlan:
     drop_src: bool = False
     weights: torch.Tensor | None = None
     max_norm: bool = False
-    keep_rows: torch.Tensor = field(init=False, repr=False)
-    src_rows: torch.Tensor = field(init=False, repr=False)
-    dst_rows: torch.Tensor = field(init=False, repr=False)
+    grouped_sources: tuple[torch.Tensor, torch.Tensor] | None = field(
+        default=None, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        batch, num_out = self.keep.shape
-        num_in = num_out + self.src.shape[1]
-        in_offsets = torch.arange(0, batch * num_in, num_in, device=self.keep.device)
-        out_offsets = torch.arange(0, batch * num_out, num_out, device=self.keep.device)
-        object.__setattr__(self, "keep_rows", (self.keep + in_offsets.unsqueeze(1)).flatten())
-        object.__setattr__(self, "src_rows", (self.src + in_offsets.unsqueeze(1)).flatten())
-        object.__setattr__(self, "dst_rows", (self.dst + out_offsets.unsqueeze(1)).flatten())
+    @property
+    def keep_rows(self) -> torch.Tensor:
+        return self._flat("keep", self.num_in)
+
+    @property
+    def src_rows(self) -> torch.Tensor:
+        return self._flat("src", self.num_in)
+
+    @property
+    def dst_rows(self) -> torch.Tensor:
+        return self._flat("dst", self.num_out)
+
+    def _flat(self, name: str, row_length: int) -> torch.Tensor:
+        """``getattr(self, name)`` as flat row indices, computed once (not with
+        ``functools.cached_property``, whose lock ``torch.compile`` cannot trace)."""
+        key = f"_{name}_rows"
+        rows = self.__dict__.get(key)
+        if rows is None:
+            index = getattr(self, name)
+            offsets = torch.arange(0, index.shape[0] * row_length, row_length,
+                                   device=index.device)
+            rows = (index + offsets.unsqueeze(1)).flatten()
+            object.__setattr__(self, key, rows)
+        return rows
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the plan holds."""
+        held = [self.keep, self.src, self.dst]
+        if self.weights is not None:
+            held.append(self.weights)
+        if self.grouped_sources is not None:
+            held.extend(self.grouped_sources)
+        return held
+
+    @property
+    def num_in(self) -> int:
+        return self.keep.shape[1] + self.src.shape[1]
 
     @property
     def num_out(self) -> int:

@@ -58,24 +58,37 @@ def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, strid
 
 
 @triton.jit
+def _set_tokens(index_ptr, item, members, valid, row_length, first, step,
+                LOOKUP: tl.constexpr):
+    """Tokens ``first + step·i`` of a set, or when ``LOOKUP`` the entries of ``index_ptr``'s
+    row ``item`` at those places (an explicit index, or the tokens in some order)."""
+    places = first + step * members
+    if LOOKUP:
+        return tl.load(index_ptr + item * row_length + places, mask=valid, other=0)
+    return places.to(tl.int64)
+
+
+@triton.jit
 def best_partner_kernel(metric_ptr, a_ptr, b_ptr, score_ptr, index_ptr, num_a, num_b, dim,
-                        stride_b, stride_t, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                        stride_b, stride_t, a_row, a_first, a_step, b_row, b_first, b_step,
+                        LOOKUP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """For ``BLOCK_A`` tokens of set A of one item: the most similar token of set B (its
-    position in B, first on ties) and the cosine similarity, without the ``|A|×|B|`` scores."""
+    position in B, first on ties) and the cosine similarity, without the ``|A|×|B|`` scores.
+    The sets are given as in :func:`_set_tokens`."""
     item = tl.program_id(0).to(tl.int64)
     positions = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
     in_a = positions < num_a
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
-    rows_a = tl.load(a_ptr + item * num_a + positions, mask=in_a, other=0)
+    rows_a = _set_tokens(a_ptr, item, positions, in_a, a_row, a_first, a_step, LOOKUP)
     unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, cols, BLOCK_D)
     best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
     best_at = tl.zeros([BLOCK_A], dtype=tl.int64)
     for start in range(0, num_b, BLOCK_B):
         others = start + tl.arange(0, BLOCK_B)
         in_b = others < num_b
-        rows_b = tl.load(b_ptr + item * num_b + others, mask=in_b, other=0)
+        rows_b = _set_tokens(b_ptr, item, others, in_b, b_row, b_first, b_step, LOOKUP)
         unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, cols, BLOCK_D)
         scores = tl.dot(unit_a, tl.trans(unit_b), input_precision=PRECISION)
         scores = tl.where(in_b[None, :], scores, float("-inf"))
@@ -86,6 +99,101 @@ def best_partner_kernel(metric_ptr, a_ptr, b_ptr, score_ptr, index_ptr, num_a, n
         best_at = tl.where(better, top_at.to(tl.int64) + start, best_at)
     tl.store(score_ptr + item * num_a + positions, best, mask=in_a)
     tl.store(index_ptr + item * num_a + positions, best_at, mask=in_a)
+
+
+@triton.jit
+def bipartite_plan_kernel(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr,
+                          dst_ptr, offsets_ptr, sources_ptr, batch, tokens, pooled, num_prefix,
+                          merges, num_a, a_first, a_step, num_b, b_first, b_step,
+                          ORDERED: tl.constexpr, ALL_MERGE: tl.constexpr,
+                          BLOCK_A: tl.constexpr, CHUNK: tl.constexpr):
+    """The whole merge plan of one item from its A tokens' best edges: the ``merges``
+    strongest edges merge (every edge when ``ALL_MERGE``, in A's order), the other A tokens
+    stay. Writes what ``match_top_edges`` and ``sources_by_destination`` compute, in the
+    same order: ``keep`` = prefix, protected (``order[pooled:]``), staying A tokens by
+    rank, B tokens; ``src``/``dst`` by rank; and the merges grouped by output row.
+    Token indices are relative to the non-prefix tokens unless ``+ num_prefix``."""
+    item = tl.program_id(0).to(tl.int64)
+    tokens_in = num_prefix + tokens
+    num_out = tokens_in - merges
+    protected = tokens - pooled
+    num_kept = protected + num_a - merges
+    keep_row = keep_ptr + item * num_out
+    offset_row = offsets_ptr + item * num_out
+    first_source = item * merges
+    lanes = tl.arange(0, CHUNK)
+
+    # Prefix tokens, then the protected ones, pass in place with nothing merged into them.
+    for start in range(0, num_prefix + protected, CHUNK):
+        rows = start + lanes
+        valid = rows < num_prefix + protected
+        token = rows.to(tl.int64)
+        if ORDERED:
+            listed = tl.load(order_ptr + item * tokens + pooled + rows - num_prefix,
+                             mask=valid & (rows >= num_prefix), other=0)
+            token = tl.where(rows < num_prefix, token, listed + num_prefix)
+        tl.store(keep_row + rows, token, mask=valid)
+        tl.store(offset_row + rows, first_source, mask=valid)
+
+    # Rank of each A token's edge: strongest first, ties in A's order (a stable sort).
+    members = tl.arange(0, BLOCK_A)
+    in_a = members < num_a
+    partner = tl.load(partner_ptr + item * num_a + members, mask=in_a, other=0)
+    if ALL_MERGE:
+        rank = members
+    else:
+        score = tl.load(score_ptr + item * num_a + members, mask=in_a, other=0.0)
+        rank = tl.zeros([BLOCK_A], dtype=tl.int32)
+        for start in range(0, num_a, CHUNK):
+            others = start + lanes
+            other = tl.load(score_ptr + item * num_a + others, mask=others < num_a, other=0.0)
+            ahead = (other[None, :] > score[:, None]) | (
+                (other[None, :] == score[:, None]) & (others[None, :] < members[:, None]))
+            ahead &= (others < num_a)[None, :]
+            rank += tl.sum(ahead.to(tl.int32), axis=1)
+    token_a = _set_tokens(order_ptr, item, members, in_a, tokens, a_first, a_step,
+                          ORDERED) + num_prefix
+    merged = in_a & (rank < merges)
+    tl.store(src_ptr + first_source + rank, token_a, mask=merged)
+    tl.store(dst_ptr + first_source + rank, num_prefix + num_kept + partner, mask=merged)
+    staying = in_a & (rank >= merges)
+    stay_rows = num_prefix + protected + rank - merges
+    tl.store(keep_row + stay_rows, token_a, mask=staying)
+    tl.store(offset_row + stay_rows, first_source, mask=staying)
+    tl.store(rank_ptr + item * num_a + members, rank, mask=in_a)
+    tl.debug_barrier()  # every rank is in memory before any is read back
+
+    # Merges grouped by destination, each group in rank order.
+    key = partner * num_a + rank
+    slot = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for start in range(0, num_a, CHUNK):
+        others = start + lanes
+        other_rank = tl.load(rank_ptr + item * num_a + others, mask=others < num_a, other=merges)
+        other_partner = tl.load(partner_ptr + item * num_a + others, mask=others < num_a, other=0)
+        before = (other_rank < merges)[None, :] & (
+            (other_partner * num_a + other_rank)[None, :] < key[:, None])
+        slot += tl.sum(before.to(tl.int32), axis=1)
+    tl.store(sources_ptr + first_source + slot, item * tokens_in + token_a, mask=merged)
+
+    # B tokens come last, each with the merges it receives.
+    for start in range(0, num_b, CHUNK):
+        members_b = start + lanes
+        in_b = members_b < num_b
+        token_b = _set_tokens(order_ptr, item, members_b, in_b, tokens, b_first, b_step,
+                              ORDERED) + num_prefix
+        rows = num_prefix + num_kept + members_b
+        received_before = tl.zeros([CHUNK], dtype=tl.int32)
+        for a_start in range(0, num_a, CHUNK):
+            others = a_start + lanes
+            other_rank = tl.load(rank_ptr + item * num_a + others, mask=others < num_a,
+                                 other=merges)
+            other_partner = tl.load(partner_ptr + item * num_a + others, mask=others < num_a,
+                                    other=0)
+            earlier = (other_rank < merges)[None, :] & (other_partner[None, :] < members_b[:, None])
+            received_before += tl.sum(earlier.to(tl.int32), axis=1)
+        tl.store(keep_row + rows, token_b, mask=in_b)
+        tl.store(offset_row + rows, first_source + received_before, mask=in_b)
+    tl.store(offsets_ptr + batch * num_out, batch * merges, mask=item == batch - 1)
 
 
 @triton.jit
@@ -101,14 +209,16 @@ def _token(x_ptr, residual_ptr, row, channels, cols, inside, HAS_RESIDUAL: tl.co
 
 @triton.jit
 def merge_rows_kernel(x_ptr, residual_ptr, sizes_ptr, keep_ptr, offsets_ptr, sources_ptr,
-                      out_ptr, new_sizes_ptr, channels, HAS_RESIDUAL: tl.constexpr,
-                      HAS_SIZES: tl.constexpr, BLOCK_C: tl.constexpr):
+                      out_ptr, new_sizes_ptr, channels, tokens_in, num_out,
+                      HAS_RESIDUAL: tl.constexpr, HAS_SIZES: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     """One output token: its kept row ``d`` and the rows ``i`` merged into it become
-    ``x_d + Σ_i s_i (x_i − x_d) / s′_d`` with ``s′_d = s_d + Σ_i s_i``, in float32."""
+    ``x_d + Σ_i s_i (x_i − x_d) / s′_d`` with ``s′_d = s_d + Σ_i s_i``, in float32.
+    ``keep`` holds token indices within the item; ``sources`` holds flat input rows."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     inside = cols < channels
-    kept = tl.load(keep_ptr + row)
+    kept = (row // num_out) * tokens_in + tl.load(keep_ptr + row)
     first = tl.load(offsets_ptr + row)
     last = tl.load(offsets_ptr + row + 1)
     if HAS_SIZES:

@@ -36,21 +36,26 @@ def merge_tokens(plan: MergePlan, x: torch.Tensor, sizes: torch.Tensor | None,
     rows = batch * plan.num_out
     offsets, sources = sources_by_destination(plan, rows)
     x = x.contiguous()
+    tokens_in = x.shape[1]
     residual = x if residual is None else residual.to(x.dtype).contiguous()
     out = torch.empty(batch, plan.num_out, channels, dtype=x.dtype, device=x.device)
     new_sizes = torch.empty(batch, plan.num_out, 1, dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
     _triton.merge_rows_kernel[(rows,)](
-        x, residual, new_sizes if sizes is None else sizes.contiguous(), plan.keep_rows,
-        offsets, sources, out, new_sizes, channels, HAS_RESIDUAL=residual is not x,
+        x, residual, new_sizes if sizes is None else sizes.contiguous(), plan.keep.contiguous(),
+        offsets, sources, out, new_sizes, channels, tokens_in, plan.num_out,
+        HAS_RESIDUAL=residual is not x,
         HAS_SIZES=sizes is not None, BLOCK_C=block, num_warps=max(1, min(8, block // 256)))
     return out, new_sizes
 
 
 def sources_by_destination(plan: MergePlan, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan's merges grouped by output row: the input rows merged into output row ``o``
-    are ``sources[offsets[o]:offsets[o + 1]]`` (compressed sparse rows)."""
-    device = plan.keep_rows.device
+    are ``sources[offsets[o]:offsets[o + 1]]`` (compressed sparse rows), each group in the
+    order of ``plan.src``."""
+    if plan.grouped_sources is not None:
+        return plan.grouped_sources
+    device = plan.keep.device
     if plan.drop_src or plan.src.shape[1] == 0:
         return torch.zeros(num_rows + 1, dtype=torch.long, device=device), plan.src_rows[:0]
     # Output rows of item b come after those of item b − 1, so sorting each item's
