@@ -10,6 +10,7 @@ import torch
 from conftest import build, images
 
 import pitome
+from pitome.core.state import MergeState
 from pitome.cuda_graph import CudaGraphForward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -76,3 +77,31 @@ def test_peak_memory_not_above_unpatched():
     unpatched = peak()
     pitome.patch(model, ratio=0.9)
     assert peak() <= unpatched
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_planning_ahead_on_a_side_stream_merges_as_in_series(monkeypatch, algo, batch):
+    model = build("vit").cuda().to(torch.bfloat16)
+    pitome.patch(model, algo=algo, ratio=0.8, prop_attn=True, keep_plans=True)
+    x = images(batch).cuda().to(torch.bfloat16)
+    planned_ahead = []
+    plan_ahead = MergeState.plan_ahead
+
+    def spy(state, keys, block):
+        planned_ahead.append(plan_ahead(state, keys, block))
+        return planned_ahead[-1]
+
+    monkeypatch.setattr(MergeState, "plan_ahead", spy)
+    with torch.no_grad():
+        ahead = model(x)
+        ahead_plans = pitome.merge_info(model).plans
+        graphed = CudaGraphForward(model, x)(x)
+        monkeypatch.setenv("PITOME_PLAN_AHEAD", "off")
+        in_series = model(x)
+        series_plans = pitome.merge_info(model).plans
+    assert any(planned_ahead) and not planned_ahead[-1]
+    assert torch.equal(ahead, in_series) and torch.equal(graphed, in_series)
+    for block, plan in series_plans.items():
+        assert torch.equal(ahead_plans[block].keep, plan.keep), block
+        assert torch.equal(ahead_plans[block].src, plan.src), block

@@ -25,13 +25,14 @@ BLOCK_CLASSES = ("Block", "ResPostBlock")
 ATTENTION_CLASS = "Attention"
 
 
-def attention_with_keys(attn: nn.Module, x: torch.Tensor,
-                        state: MergeState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def attention_with_keys(attn: nn.Module, x: torch.Tensor, state: MergeState,
+                        block: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """timm ``Attention`` on ``x``, proportional to the token sizes when the state says so.
 
-    Returns the output, the head-mean keys and, when the algorithm asks for it, the
-    attention each token receives from the first prefix token (one query row, so the fused
-    kernel still computes the full attention).
+    Returns the output, the head-mean keys (None when the state planned the block's merge
+    from the keys while the attention ran, see :meth:`MergeState.plan_ahead`) and, when
+    the algorithm asks for it, the attention each token receives from the first prefix
+    token (one query row, so the fused kernel still computes the full attention).
     """
     batch, tokens, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -40,6 +41,7 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor,
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    planned = state.plan_ahead(k, block)
     received = None
     if state.needs_attention:
         received = received_attention(q, k, attn.scale, state.attention_bias(x.dtype), state)
@@ -59,7 +61,7 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor,
         out = norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1), received
+    return attn.proj_drop(attn.proj(out)), None if planned else k.mean(dim=1), received
 
 
 class MergingBlock:
@@ -70,7 +72,8 @@ class MergingBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        h, keys, received = attention_with_keys(self.attn, self.norm1(x), merge_state)
+        h, keys, received = attention_with_keys(self.attn, self.norm1(x), merge_state,
+                                                block_index)
         x = merge_state.merge_residual(x, self.drop_path1(self.ls1(h)), keys, block_index,
                                        received)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -84,7 +87,7 @@ class MergingResPostBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
-        h, keys, received = attention_with_keys(self.attn, x, merge_state)
+        h, keys, received = attention_with_keys(self.attn, x, merge_state, block_index)
         x = merge_state.merge_residual(x, self.drop_path1(self.norm1(h)), keys, block_index,
                                        received)
         return x + self.drop_path2(self.norm2(self.mlp(x)))

@@ -8,6 +8,7 @@ import torch
 
 from ..kernels.merge import merge_tokens
 from .attention import log_size_bias
+from .overlap import plan_ahead_enabled, side_stream
 from .plan import MergePlan
 from .registry import Algorithm, MergeContext
 from .schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
@@ -76,6 +77,7 @@ class MergeState:
         if config.trace_source:
             self.source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens)
         self.plans: dict[int, MergePlan] = {}
+        self.planned_ahead: dict[int, MergePlan] = {}
 
     def _rows_by_length(self, padding: torch.Tensor) -> dict[int, tuple[torch.Tensor, list[int]]]:
         """Rows grouped by real length, each with its token count entering every block."""
@@ -111,48 +113,84 @@ class MergeState:
         """Whether this block's algorithm wants the attention received by each token."""
         return getattr(self.config.algorithm, "needs_attention", False)
 
-    def merge(self, x: torch.Tensor, metric: torch.Tensor, block: int,
+    def plan_ahead(self, head_keys: torch.Tensor, block: int) -> bool:
+        """Start planning this block's merge from its ``B×H×T×d`` attention keys on a side
+        CUDA stream (see :mod:`pitome.core.overlap`), to run while the attention does.
+
+        Returns whether it did. Then :meth:`merge_residual` takes no keys and waits for the
+        plan; otherwise the keys' head mean is passed to it and the plan is made there.
+        """
+        r = self.merges[block]
+        if (r == 0 or self.config.metric != "keys" or self.padding is not None
+                or self.needs_attention or not plan_ahead_enabled(head_keys)):
+            return False
+        main = torch.cuda.current_stream(head_keys.device)
+        side = side_stream(head_keys.device)
+        side.wait_stream(main)
+        head_keys.record_stream(side)
+        with torch.cuda.stream(side), torch.no_grad():
+            plan = self._plan(head_keys.mean(dim=1), r, block, self.sizes, None)
+        for tensor in plan.tensors():
+            tensor.record_stream(main)
+        self.planned_ahead[block] = plan
+        return True
+
+    def merge(self, x: torch.Tensor, metric: torch.Tensor | None, block: int,
               attention: torch.Tensor | None = None,
               residual: torch.Tensor | None = None) -> torch.Tensor:
         """Merge the scheduled number of tokens of ``x`` (between attention and MLP).
 
         With ``residual`` the tokens merged are ``x + residual``; the add is then fused into
         the merge where the merge kernel runs (one pass over the tokens instead of two).
+        ``metric`` may be None when :meth:`plan_ahead` planned this block.
         """
         r = self.merges[block]
         if residual is not None and (r == 0 or self.padding is not None):
             x, residual = x + residual, None
         if r == 0:
             return x
+        plan = self.planned_ahead.pop(block, None)
+        if plan is not None:
+            torch.cuda.current_stream(x.device).wait_stream(side_stream(x.device))
+        elif metric is None:
+            raise ValueError(f"block {block} was not planned ahead, so merging needs its metric")
         if self.padding is not None:
             return self._merge_rows_by_length(x, metric, block, attention)
         x, self.sizes, self.source, plan = self._plan_and_apply(
-            x, metric, self.sizes, self.source, r, block, attention, residual)
+            x, metric, self.sizes, self.source, r, block, attention, residual, plan)
         if self.config.keep_plans:
             self.plans[block] = plan
         return x
 
-    def merge_residual(self, x: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor,
+    def merge_residual(self, x: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor | None,
                        block: int, attention: torch.Tensor | None = None) -> torch.Tensor:
         """``x + residual`` merged on the configured metric: ``keys`` (the head-mean
-        attention keys) or, with ``metric="hidden"``, ``x + residual`` itself."""
+        attention keys; None when :meth:`plan_ahead` planned the block) or, with
+        ``metric="hidden"``, ``x + residual`` itself."""
         if self.config.metric == "keys":
             return self.merge(x, keys, block, attention, residual)
         x = x + residual
         return self.merge(x, x, block, attention)
 
-    def _plan_and_apply(self, x: torch.Tensor, metric: torch.Tensor, sizes: torch.Tensor | None,
-                        source: torch.Tensor | None, r: int, block: int,
-                        attention: torch.Tensor | None, residual: torch.Tensor | None = None):
-        """Ask the algorithm for a plan removing ``r`` tokens; apply it to ``x`` (plus
-        ``residual``), the sizes (None while all are 1) and the sources. Returns the three
-        and the plan."""
+    def _plan(self, metric: torch.Tensor, r: int, block: int, sizes: torch.Tensor | None,
+              attention: torch.Tensor | None) -> MergePlan:
+        """The algorithm's plan removing ``r`` tokens of this block."""
         ctx = MergeContext(r=r, num_prefix=self.num_prefix, block=block,
                            num_blocks=self.num_blocks,
                            margin=resolve_margin(self.config.margin, block, self.num_blocks),
                            sizes=sizes, attention=None if attention is None else attention.detach())
         with torch.no_grad():
-            plan = self.config.algorithm(metric.detach(), ctx)
+            return self.config.algorithm(metric.detach(), ctx)
+
+    def _plan_and_apply(self, x: torch.Tensor, metric: torch.Tensor | None,
+                        sizes: torch.Tensor | None, source: torch.Tensor | None, r: int,
+                        block: int, attention: torch.Tensor | None,
+                        residual: torch.Tensor | None = None, plan: MergePlan | None = None):
+        """Apply the plan removing ``r`` tokens (made here unless given) to ``x`` (plus
+        ``residual``), the sizes (None while all are 1) and the sources. Returns the three
+        and the plan."""
+        if plan is None:
+            plan = self._plan(metric, r, block, sizes, attention)
         x, sizes = merge_tokens(plan, x, sizes, residual)
         return x, sizes, None if source is None else plan.apply(source, "amax"), plan
 
