@@ -12,6 +12,17 @@ from collections.abc import Callable
 
 import torch
 
+_warmup_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device: cuBLAS keeps a workspace (32 MiB on Hopper) for every
+    stream it has run on, so a fresh stream per graph would hold memory for good."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _warmup_streams:
+        _warmup_streams[index] = torch.cuda.Stream(device=index)
+    return _warmup_streams[index]
+
 
 class CudaGraphForward:
     """``forward(x)`` captured as a CUDA graph for inputs shaped like ``example``.
@@ -31,7 +42,7 @@ class CudaGraphForward:
         if example.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
         self.static_input = example.detach().clone()
-        side = torch.cuda.Stream(device=example.device)
+        side = _warmup_stream(example.device)
         side.wait_stream(torch.cuda.current_stream(example.device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(warmup):
