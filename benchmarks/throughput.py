@@ -4,7 +4,7 @@ Every configuration runs in one process, so all ratios in the table come from on
 unpatched model, oracle (same schedule, zero merge cost), and each algorithm; median of
 ``--repeats`` timed forwards after warm-up (CUDA events on a GPU), peak memory per variant.
 
-    python benchmarks/throughput.py                     # the H100 grid, bf16
+    python benchmarks/throughput.py                     # the GPU grid (H100/H200), bf16
     python benchmarks/throughput.py --quick             # small CPU grid for this machine
     python benchmarks/throughput.py --json out.json
 """
