@@ -1,8 +1,8 @@
 """Replaying a model's forward as one CUDA graph, to remove per-kernel launch overhead.
 
-Merging adds a few dozen small kernels per block. At large batches the GPU hides their
-launch cost; at small batches, or on a slow host, launching them costs more than running
-them. The merge path has no host synchronisation and fixed shapes for a fixed input shape,
+Merging adds a few small kernels per block, launched from Python. At large batches the GPU
+hides their launch cost; at small batches, or on a slow host, launching them costs more
+than running them. The merge path has no host synchronisation and fixed shapes for a fixed input shape,
 so a whole patched forward can be captured once and replayed.
 """
 
@@ -12,16 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-_warmup_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
-    """One warm-up stream per device: cuBLAS keeps a workspace (32 MiB on Hopper) for every
-    stream it has run on, so a fresh stream per graph would hold memory for good."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _warmup_streams:
-        _warmup_streams[index] = torch.cuda.Stream(device=index)
-    return _warmup_streams[index]
+from .core.overlap import named_stream
 
 
 class CudaGraphForward:
@@ -42,7 +33,7 @@ class CudaGraphForward:
         if example.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
         self.static_input = example.detach().clone()
-        side = _warmup_stream(example.device)
+        side = named_stream("graph warm-up", example.device)
         side.wait_stream(torch.cuda.current_stream(example.device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(warmup):

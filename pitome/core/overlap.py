@@ -16,7 +16,7 @@ import os
 import torch
 
 MODES = ("auto", "off")
-_streams: dict[int, torch.cuda.Stream] = {}
+_streams: dict[tuple[str, int], torch.cuda.Stream] = {}
 
 
 def plan_ahead_enabled(keys: torch.Tensor) -> bool:
@@ -27,9 +27,15 @@ def plan_ahead_enabled(keys: torch.Tensor) -> bool:
     return choice == "auto" and keys.is_cuda and not torch.compiler.is_compiling()
 
 
+def named_stream(name: str, device: torch.device) -> torch.cuda.Stream:
+    """One lasting CUDA stream per ``name`` and device. Made once, not per call: cuBLAS
+    keeps a workspace (32 MiB on Hopper) for every stream it has run on."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if (name, index) not in _streams:
+        _streams[name, index] = torch.cuda.Stream(device=index)
+    return _streams[name, index]
+
+
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream plans run on, one per device."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _streams:
-        _streams[index] = torch.cuda.Stream(device=index)
-    return _streams[index]
+    return named_stream("plan ahead", device)
