@@ -29,8 +29,7 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, state: MergeState,
                         block: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """timm ``Attention`` on ``x``, proportional to the token sizes when the state says so.
 
-    Returns the output, the head-mean keys (None when the state planned the block's merge
-    from the keys while the attention ran, see :meth:`MergeState.plan_ahead`) and, when
+    Returns the output, the keys' metric (see :meth:`MergeState.keys_metric`) and, when
     the algorithm asks for it, the attention each token receives from the first prefix
     token (one query row, so the fused kernel still computes the full attention).
     """
@@ -41,7 +40,7 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, state: MergeState,
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    planned = state.plan_ahead(k, block)
+    keys = state.keys_metric(k, block)
     received = None
     if state.needs_attention:
         received = received_attention(q, k, attn.scale, state.attention_bias(x.dtype), state)
@@ -61,7 +60,7 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, state: MergeState,
         out = norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), None if planned else k.mean(dim=1), received
+    return attn.proj_drop(attn.proj(out)), keys, received
 
 
 class MergingBlock:

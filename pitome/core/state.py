@@ -113,6 +113,12 @@ class MergeState:
         """Whether this block's algorithm wants the attention received by each token."""
         return getattr(self.config.algorithm, "needs_attention", False)
 
+    def keys_metric(self, head_keys: torch.Tensor, block: int) -> torch.Tensor | None:
+        """What :meth:`merge_residual` takes as ``keys`` for this block's ``B×H×T×d``
+        attention keys: None when :meth:`plan_ahead` planned the block from them, else their
+        head mean. Call it as soon as the keys exist, so that the plan overlaps the attention."""
+        return None if self.plan_ahead(head_keys, block) else head_keys.mean(dim=1)
+
     def plan_ahead(self, head_keys: torch.Tensor, block: int) -> bool:
         """Start planning this block's merge from its ``B×H×T×d`` attention keys on a side
         CUDA stream (see :mod:`pitome.core.overlap`), to run while the attention does.
