@@ -19,8 +19,10 @@ from pitome.algorithms.tome import ToMe  # noqa: E402
 from pitome.core.matching import bipartite_merge, match_top_edges  # noqa: E402
 from pitome.core.plan import prune  # noqa: E402
 from pitome.core.registry import MergeContext  # noqa: E402
-from pitome.kernels import attention  # noqa: E402
+from pitome.core.state import MergeState  # noqa: E402
+from pitome.kernels import attention, launch  # noqa: E402
 from pitome.kernels.attention import proportional_attention  # noqa: E402
+from pitome.kernels.energy import tokens_by_energy  # noqa: E402
 from pitome.kernels.sort import argsort_rows  # noqa: E402
 from pitome.kernels import best_partner, kernel_backend, merge_tokens, sources_by_destination, \
     token_energy, use_triton  # noqa: E402
@@ -65,6 +67,35 @@ def test_energy_kernel_reads_bf16_metrics():
     torch.testing.assert_close(fast, reference, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["elu", "gaussian"])
+@pytest.mark.parametrize("tokens", [9, 70, 196])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_split_energy_orders_tokens_as_the_energy_does(kind, tokens, weighted, per_head):
+    x = head_keys(2, tokens, 3, 16) if per_head else metric(2, tokens, 16)
+    weights = metric(2, tokens, 1, seed=1)[..., 0].abs().round() + 1 if weighted else None
+    with kernel_backend("triton"):
+        split = tokens_by_energy(x, 0.4, kind, 1.0, weights)
+        energy = token_energy(x, 0.4, kind, 1.0, weights)
+    with kernel_backend("torch"):
+        reference = tokens_by_energy(x, 0.4, kind, 1.0, weights)
+    assert torch.equal(split, argsort_rows(energy, descending=True))
+    assert torch.equal(split, reference)
+
+
+def test_split_energy_is_for_small_batches(monkeypatch):
+    x = metric(3, 40, 16)
+    launched = []
+    monkeypatch.setattr(launch, "SMALL_BATCH", 2)
+    monkeypatch.setattr("pitome.kernels.energy.token_energy",
+                        lambda *args: launched.append("energy") or token_energy(*args))
+    with kernel_backend("triton"):
+        tokens_by_energy(x[:2], 0.5)
+        assert launched == []
+        tokens_by_energy(x, 0.5)
+        assert launched == ["energy"]
+
+
 @pytest.mark.parametrize("num_a,num_b", [(5, 7), (70, 90), (98, 99)])
 def test_best_partner_kernel_matches_torch(num_a, num_b):
     x = metric(4, num_a + num_b, 32)
@@ -107,6 +138,23 @@ def test_attention_without_sizes_is_plain_sdpa():
         out = proportional_attention(q, k, v, None, 0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25)
     assert torch.equal(out, expected.transpose(1, 2).reshape(2, 10, 48))
+
+
+def test_attention_below_min_tokens_takes_the_kernel_only_for_small_grids(monkeypatch):
+    monkeypatch.setattr(attention, "MIN_TOKENS", 128)
+    monkeypatch.setattr(attention, "MAX_HEADS_ALWAYS_KERNEL", 4)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append("sdpa") or sdpa(*args, **kwargs))
+    for batch, expected in [(1, []), (2, ["sdpa"])]:  # 3 or 6 heads × batch against 4
+        q, k, v = (metric(batch, 3, 10 * 16, seed=i, dtype=torch.bfloat16).view(batch, 3, 10, 16)
+                   for i in range(3))
+        sizes = torch.ones(batch, 10, 1, device=DEVICE)
+        calls.clear()
+        with kernel_backend("triton"):
+            proportional_attention(q, k, v, sizes, 0.25)
+        assert calls == expected, batch
 
 
 @pytest.mark.parametrize("length", [1, 7, 100, 300])
@@ -232,6 +280,68 @@ def test_fused_plan_steps_aside_beyond_its_limits():
     x = metric(1, 1100, 8)  # |A| = 550 > MAX_SET
     with kernel_backend("triton"):
         assert bipartite_merge(x, 10, 1).grouped_sources is None
+
+
+def head_keys(batch: int, tokens: int, heads: int, dim: int, dtype=torch.float32) -> torch.Tensor:
+    """``B×T×H×d`` keys laid out as timm's are: a strided view into the fused q, k, v."""
+    qkv = metric(batch, tokens, 3 * heads * dim, seed=heads, dtype=dtype)
+    return qkv.view(batch, tokens, 3, heads, dim)[:, :, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ordered", [False, True])
+def test_fused_plan_of_per_head_keys_is_the_plan_of_their_mean(dtype, ordered):
+    keys = head_keys(2, 61, 6, 16, dtype)[:, 1:]
+    order = torch.stack([torch.randperm(60, generator=torch.Generator().manual_seed(i))
+                         for i in range(2)]).to(DEVICE)
+    options = dict(order=order, pooled=40) if ordered else {}
+    with kernel_backend("triton"):
+        fused = bipartite_merge(keys, 15, 1, **options)
+        of_mean = bipartite_merge(keys.mean(dim=2), 15, 1, **options)
+    with kernel_backend("torch"):
+        reference = bipartite_merge(keys, 15, 1, **options)
+    assert fused.grouped_sources is not None
+    assert_same_plan(fused, of_mean)
+    for name in ("keep", "src", "dst"):
+        assert torch.equal(getattr(fused, name), getattr(reference, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_energy_kernel_of_per_head_keys_is_the_energy_of_their_mean(dtype):
+    keys = head_keys(2, 70, 6, 16, dtype)
+    with kernel_backend("triton"):
+        fused = token_energy(keys, 0.5)
+        of_mean = token_energy(keys.mean(dim=2), 0.5)
+    with kernel_backend("torch"):
+        reference = token_energy(keys, 0.5)
+    # In bf16 the kernel rounds the mean as torch does; in fp32 the CPU divides by H where
+    # the kernel (and CUDA's mean) multiplies by 1/H, a last-bit difference.
+    if dtype == torch.bfloat16:
+        assert torch.equal(fused, of_mean)
+    torch.testing.assert_close(fused, of_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fused, reference, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algo,per_head", [("tome", True), ("pitome", True), ("tofu", False)])
+def test_small_batches_plan_on_keys_per_head(monkeypatch, algo, per_head):
+    model = build("vit").to(DEVICE)
+    pitome.patch(model, algo=algo, ratio=0.8)
+    metric_dims = []
+    merge = MergeState.merge
+
+    def spy(state, x, metric, *args, **kwargs):
+        metric_dims.append(metric.dim())
+        return merge(state, x, metric, *args, **kwargs)
+
+    monkeypatch.setattr(MergeState, "plan_ahead", lambda *args: False)  # hand keys to merge
+    monkeypatch.setattr(MergeState, "merge", spy)
+    with kernel_backend("triton"), torch.no_grad():
+        model(images(2).to(DEVICE))
+        assert set(metric_dims) == {4 if per_head else 3}
+        metric_dims.clear()
+        monkeypatch.setattr(launch, "SMALL_BATCH", 1)
+        model(images(2).to(DEVICE))
+        assert set(metric_dims) == {3}
 
 
 def groups(plan) -> list[list[tuple[int, ...]]]:

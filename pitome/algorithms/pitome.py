@@ -11,7 +11,7 @@ from ..core.energy import EnergyKind
 from ..core.matching import bipartite_merge
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
-from ..kernels.energy import token_energy
+from ..kernels.energy import token_energy, tokens_by_energy
 from ..kernels.sort import argsort_rows
 from .tome import ToMe
 
@@ -40,6 +40,8 @@ class PiToMe:
             and the authors' code use an unweighted mean.
     """
 
+    takes_head_keys = True  # token_energy and bipartite_merge average them as they read them
+
     def __init__(self, energy: EnergyKind = "elu",
                  split: Literal["alternate", "contiguous"] = "alternate",
                  pool: float = 1.0, alpha: float = 1.0, size_weighted: bool = False) -> None:
@@ -55,11 +57,13 @@ class PiToMe:
         weights = None
         if self.size_weighted and ctx.sizes is not None:
             weights = ctx.sizes[:, ctx.num_prefix:, 0]
-        energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
-        if ctx.padding is not None:
+        if ctx.padding is None:
+            order = tokens_by_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
+        else:
+            energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
             # Padding ranks last: it is protected before any real token is.
             energy = energy.masked_fill(~ctx.padding[:, ctx.num_prefix:], float("-inf"))
-        order = argsort_rows(energy, descending=True)
+            order = argsort_rows(energy, descending=True)
         tokens = order.shape[1]
         pooled = tokens if math.isinf(self.pool) else min(tokens, int(round(2 * ctx.r * self.pool)))
         return bipartite_merge(mergeable, ctx.r, ctx.num_prefix, order, pooled, self.split,
@@ -75,6 +79,7 @@ class Hybrid:
     def __init__(self, early: Algorithm, late: Algorithm, switch: float = 0.5) -> None:
         self.early, self.late, self.switch = early, late, switch
         self.needs_attention = any(getattr(part, "needs_attention", False) for part in (early, late))
+        self.takes_head_keys = all(getattr(part, "takes_head_keys", False) for part in (early, late))
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         return self._choose(ctx.block, ctx.num_blocks)(metric, ctx)

@@ -21,6 +21,8 @@ class ToMe:
             CLS sits in set A with its edge disabled; the PiToMe authors' baseline uses it.
     """
 
+    takes_head_keys = True  # bipartite_merge averages them as it reads them
+
     def __init__(self, prefix_parity: bool = False) -> None:
         self.prefix_parity = prefix_parity
 

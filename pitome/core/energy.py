@@ -10,6 +10,11 @@ import torch.nn.functional as F
 EnergyKind = Literal["elu", "gaussian"]
 
 
+def head_mean(metric: torch.Tensor) -> torch.Tensor:
+    """A ``B×T×d`` metric: the mean of per-head ``B×T×H×d`` keys, or ``metric`` itself."""
+    return metric.mean(dim=2) if metric.dim() == 4 else metric
+
+
 def unit_rows(metric: torch.Tensor) -> torch.Tensor:
     """The rows of a ``B×T×d`` metric scaled to unit length, in float32."""
     return F.normalize(metric.float(), dim=-1)

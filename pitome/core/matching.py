@@ -9,6 +9,7 @@ import torch
 from ..kernels.bipartite import bipartite_plan, set_tokens
 from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
+from .energy import head_mean
 from .plan import MergePlan, assemble
 
 Split = Literal["alternate", "contiguous"]
@@ -38,12 +39,13 @@ def bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
                     padding: torch.Tensor | None = None) -> MergePlan:
     """Bipartite soft matching over a pool of tokens (see :func:`match_top_edges`).
 
-    ``metric`` holds the non-prefix tokens. They are listed in ``order`` (``B×n``; None:
-    token order); the first ``pooled`` (default all) split into A and B by ``split``, the
-    rest are protected. On a GPU the plan comes from :func:`pitome.kernels.bipartite_plan`
-    in two launches, elsewhere (and with padding) from :func:`match_top_edges`.
+    ``metric`` holds the non-prefix tokens (``B×n×d``, or ``B×n×H×d`` per-head keys whose
+    mean is the metric). They are listed in ``order`` (``B×n``; None: token order); the
+    first ``pooled`` (default all) split into A and B by ``split``, the rest are protected.
+    On a GPU the plan comes from :func:`pitome.kernels.bipartite_plan` in two launches,
+    elsewhere (and with padding) from :func:`match_top_edges`.
     """
-    batch, tokens, _ = metric.shape
+    batch, tokens = metric.shape[:2]
     pooled = tokens if pooled is None else pooled
     set_a, set_b = split_pool(pooled, split, start)
     if padding is None:
@@ -53,7 +55,7 @@ def bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
     a_idx = set_tokens(*set_a, order, batch, metric.device)
     b_idx = set_tokens(*set_b, order, batch, metric.device)
     protected = order[:, pooled:] if order is not None and pooled < tokens else None
-    return match_top_edges(metric, a_idx, b_idx, r, num_prefix, protected, padding)
+    return match_top_edges(head_mean(metric), a_idx, b_idx, r, num_prefix, protected, padding)
 
 
 def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,

@@ -45,6 +45,15 @@ class MergeContext:
 
 
 class Algorithm(Protocol):
+    """Plans one block's merge from the ``B×T×d`` metric of its tokens.
+
+    An algorithm whose class sets ``takes_head_keys = True`` may instead be handed the
+    attention keys per head, ``B×T×H×d``, whose mean over heads is the metric: its kernels
+    average them as they read them, one launch fewer per block (see
+    :func:`pitome.kernels.launch.fuses_head_mean`); ``pitome.core.energy.head_mean`` gives
+    the ``B×T×d`` metric wherever it needs one.
+    """
+
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan: ...
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels.launch import fuses_head_mean
 from ..kernels.merge import merge_tokens
 from .attention import log_size_bias
 from .overlap import plan_ahead_enabled, side_stream
@@ -115,9 +116,17 @@ class MergeState:
 
     def keys_metric(self, head_keys: torch.Tensor, block: int) -> torch.Tensor | None:
         """What :meth:`merge_residual` takes as ``keys`` for this block's ``B×H×T×d``
-        attention keys: None when :meth:`plan_ahead` planned the block from them, else their
-        head mean. Call it as soon as the keys exist, so that the plan overlaps the attention."""
-        return None if self.plan_ahead(head_keys, block) else head_keys.mean(dim=1)
+        attention keys: None when :meth:`plan_ahead` planned the block from them, else the
+        metric the algorithm plans on (see :meth:`_metric_of_keys`). Call it as soon as the
+        keys exist, so that the plan overlaps the attention."""
+        return None if self.plan_ahead(head_keys, block) else self._metric_of_keys(head_keys)
+
+    def _metric_of_keys(self, head_keys: torch.Tensor) -> torch.Tensor:
+        """The keys' head mean (``B×T×d``); or, for an algorithm that takes head keys, the
+        keys themselves as ``B×T×H×d``, averaged by its kernels as they read them."""
+        if getattr(self.config.algorithm, "takes_head_keys", False) and fuses_head_mean(head_keys):
+            return head_keys.transpose(1, 2)
+        return head_keys.mean(dim=1)
 
     def plan_ahead(self, head_keys: torch.Tensor, block: int) -> bool:
         """Start planning this block's merge from its ``B×H×T×d`` attention keys on a side
@@ -135,7 +144,7 @@ class MergeState:
         side.wait_stream(main)
         head_keys.record_stream(side)
         with torch.cuda.stream(side), torch.no_grad():
-            plan = self._plan(head_keys.mean(dim=1), r, block, self.sizes, None)
+            plan = self._plan(self._metric_of_keys(head_keys), r, block, self.sizes, None)
         for tensor in plan.tensors():
             tensor.record_stream(main)
         self.planned_ahead[block] = plan
@@ -170,8 +179,8 @@ class MergeState:
 
     def merge_residual(self, x: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor | None,
                        block: int, attention: torch.Tensor | None = None) -> torch.Tensor:
-        """``x + residual`` merged on the configured metric: ``keys`` (the head-mean
-        attention keys; None when :meth:`plan_ahead` planned the block) or, with
+        """``x + residual`` merged on the configured metric: ``keys`` (from
+        :meth:`keys_metric`; None when :meth:`plan_ahead` planned the block) or, with
         ``metric="hidden"``, ``x + residual`` itself."""
         if self.config.metric == "keys":
             return self.merge(x, keys, block, attention, residual)

@@ -9,19 +9,37 @@ ELU, GAUSSIAN = 0, 1
 
 
 @triton.jit
-def _unit_rows(base, rows, valid, dim, stride_t, cols, BLOCK_D: tl.constexpr):
+def _rounded_like(x, dtype: tl.constexpr):
+    """Float32 ``x`` rounded to ``dtype`` (to nearest, ties to even) and back. bfloat16 is
+    rounded on the bits: Triton's interpreter truncates when it casts to bfloat16."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _unit_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS: tl.constexpr):
     """Rows ``rows`` of a ``T×d`` metric at ``base`` in float32, scaled to unit length
-    (``F.normalize``: divided by ``max(‖x‖, 1e-12)``); invalid rows and columns are zero."""
+    (``F.normalize``: divided by ``max(‖x‖, 1e-12)``); invalid rows and columns are zero.
+    With ``HEADS > 1`` the metric is the mean of per-head rows ``stride_h`` apart, rounded to
+    their dtype the way ``torch.mean`` rounds it (a float32 sum times ``1/HEADS``)."""
     inside = valid[:, None] & (cols[None, :] < dim)
-    x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=inside, other=0.0)
-    x = x.to(tl.float32)
+    offsets = rows[:, None] * stride_t + cols[None, :]
+    x = tl.load(base + offsets, mask=inside, other=0.0).to(tl.float32)
+    for head in tl.static_range(1, HEADS):
+        x += tl.load(base + head * stride_h + offsets, mask=inside, other=0.0).to(tl.float32)
+    if HEADS > 1:
+        x = _rounded_like(x * (1.0 / HEADS), base.dtype.element_ty)
     norm = tl.sqrt(tl.sum(x * x, axis=1))
     return x / tl.maximum(norm, 1e-12)[:, None]
 
 
 @triton.jit
-def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, stride_t,
+def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, stride_t, stride_h,
                   margin, alpha, sigma, KIND: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                  HEADS: tl.constexpr,
                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
                   PRECISION: tl.constexpr):
     """Energy of ``BLOCK_I`` tokens of one item: their cosine rows are built ``BLOCK_J``
@@ -33,28 +51,90 @@ def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, strid
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
-    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, cols, BLOCK_D)
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS)
     total = tl.zeros([BLOCK_I], dtype=tl.float32)
     weight_sum = tl.zeros([BLOCK_J], dtype=tl.float32)
     for start in range(0, tokens, BLOCK_J):
         others = start + tl.arange(0, BLOCK_J)
         valid = others < tokens
-        unit_j = _unit_rows(base, others, valid, dim, stride_t, cols, BLOCK_D)
+        unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS)
         similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
-        if KIND == 0:
-            shifted = similarity - margin
-            terms = tl.where(shifted > 0, shifted, alpha * (tl.exp(shifted) - 1.0))
-        else:
-            distance = (1.0 - similarity) / sigma
-            terms = tl.exp(-0.5 * distance * distance)
-        if HAS_WEIGHTS:
-            weight = tl.load(weights_ptr + item * tokens + others, mask=valid, other=0.0)
-        else:
-            weight = valid.to(tl.float32)
-        total += tl.sum(terms * weight[None, :], axis=1)
+        weight = _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS)
+        total += _energy_sums(similarity, weight, margin, alpha, sigma, KIND)
         weight_sum += weight
     energy = total / tl.sum(weight_sum, axis=0)
     tl.store(out_ptr + item * tokens + rows, energy, mask=rows < tokens)
+
+
+@triton.jit
+def _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS: tl.constexpr):
+    """Each column's weight in the energy's mean: its size, or 1 (0 beyond the tokens)."""
+    if HAS_WEIGHTS:
+        return tl.load(weights_ptr + item * tokens + others, mask=valid, other=0.0)
+    return valid.to(tl.float32)
+
+
+@triton.jit
+def _energy_sums(similarity, weight, margin, alpha, sigma, KIND: tl.constexpr):
+    """Each row's weighted sum of energy terms over a block of columns."""
+    if KIND == 0:
+        shifted = similarity - margin
+        terms = tl.where(shifted > 0, shifted, alpha * (tl.exp(shifted) - 1.0))
+    else:
+        distance = (1.0 - similarity) / sigma
+        terms = tl.exp(-0.5 * distance * distance)
+    return tl.sum(terms * weight[None, :], axis=1)
+
+
+@triton.jit
+def energy_partials_kernel(metric_ptr, weights_ptr, partials_ptr, tokens, dim, stride_b,
+                           stride_t, stride_h, margin, alpha, sigma, KIND: tl.constexpr,
+                           HAS_WEIGHTS: tl.constexpr, HEADS: tl.constexpr,
+                           BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """The energy sums of ``energy_kernel`` split by column block, one program per block of
+    rows and of columns: for small batches, where one program per row block would leave
+    most of the GPU idle while it walks every column. ``partials`` is ``B×(blocks)×T``;
+    summed over blocks in order (``energy_order_kernel``) it is ``energy_kernel``'s total."""
+    margin = tl.cast(margin, tl.float32)
+    alpha, sigma = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32)
+    item = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    others = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    valid = others < tokens
+    cols = tl.arange(0, BLOCK_D)
+    base = metric_ptr + item * stride_b
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS)
+    unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS)
+    similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
+    weight = _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS)
+    sums = _energy_sums(similarity, weight, margin, alpha, sigma, KIND)
+    row_of_partials = partials_ptr + (item * tl.num_programs(2) + tl.program_id(2)) * tokens
+    tl.store(row_of_partials + rows, sums, mask=rows < tokens)
+
+
+@triton.jit
+def energy_order_kernel(partials_ptr, weights_ptr, energy_ptr, order_ptr, tokens, blocks,
+                        HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One item's energy from its partial sums, and its tokens by energy, highest first
+    (a stable sort, as ``row_ranks_kernel``)."""
+    item = tl.program_id(0).to(tl.int64)
+    mine = tl.arange(0, BLOCK)
+    valid = mine < tokens
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for block in range(0, blocks):
+        total += tl.load(partials_ptr + (item * blocks + block) * tokens + mine, mask=valid,
+                         other=0.0)
+    weight_sum = tl.zeros([CHUNK], dtype=tl.float32)
+    for start in range(0, tokens, CHUNK):
+        others = start + tl.arange(0, CHUNK)
+        weight_sum += _column_weights(weights_ptr, item, tokens, others, others < tokens,
+                                      HAS_WEIGHTS)
+    energy = total / tl.sum(weight_sum, axis=0)
+    tl.store(energy_ptr + item * tokens + mine, energy, mask=valid)
+    tl.debug_barrier()  # every energy is in memory before any is read back
+    place = _places(energy_ptr, item, tokens, mine, energy, True, CHUNK)
+    tl.store(order_ptr + item * tokens + place, mine.to(tl.int64), mask=valid)
 
 
 @triton.jit
@@ -70,9 +150,10 @@ def _set_tokens(index_ptr, item, members, valid, row_length, first, step,
 
 @triton.jit
 def best_partner_kernel(metric_ptr, a_ptr, b_ptr, score_ptr, index_ptr, num_a, num_b, dim,
-                        stride_b, stride_t, a_row, a_first, a_step, b_row, b_first, b_step,
-                        LOOKUP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                        stride_b, stride_t, stride_h, a_row, a_first, a_step, b_row, b_first,
+                        b_step, LOOKUP: tl.constexpr, HEADS: tl.constexpr,
+                        BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """For ``BLOCK_A`` tokens of set A of one item: the most similar token of set B (its
     position in B, first on ties) and the cosine similarity, without the ``|A|×|B|`` scores.
     The sets are given as in :func:`_set_tokens`."""
@@ -82,14 +163,14 @@ def best_partner_kernel(metric_ptr, a_ptr, b_ptr, score_ptr, index_ptr, num_a, n
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
     rows_a = _set_tokens(a_ptr, item, positions, in_a, a_row, a_first, a_step, LOOKUP)
-    unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, cols, BLOCK_D)
+    unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, stride_h, cols, HEADS)
     best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
     best_at = tl.zeros([BLOCK_A], dtype=tl.int64)
     for start in range(0, num_b, BLOCK_B):
         others = start + tl.arange(0, BLOCK_B)
         in_b = others < num_b
         rows_b = _set_tokens(b_ptr, item, others, in_b, b_row, b_first, b_step, LOOKUP)
-        unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, cols, BLOCK_D)
+        unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, stride_h, cols, HEADS)
         scores = tl.dot(unit_a, tl.trans(unit_b), input_precision=PRECISION)
         scores = tl.where(in_b[None, :], scores, float("-inf"))
         top, top_at = tl.max(scores, axis=1, return_indices=True,
@@ -302,7 +383,16 @@ def row_ranks_kernel(values_ptr, order_ptr, length, DESCENDING: tl.constexpr,
     mine = tl.arange(0, BLOCK)
     valid = mine < length
     value = tl.load(values_ptr + item * length + mine, mask=valid, other=0)
-    place = tl.zeros([BLOCK], dtype=tl.int32)
+    place = _places(values_ptr, item, length, mine, value, DESCENDING, CHUNK)
+    tl.store(order_ptr + item * length + place, mine.to(tl.int64), mask=valid)
+
+
+@triton.jit
+def _places(values_ptr, item, length, mine, value, DESCENDING: tl.constexpr,
+            CHUNK: tl.constexpr):
+    """Where elements ``mine`` (holding ``value``) of row ``item`` go in its stable sort:
+    the number of elements that come before each."""
+    place = tl.zeros(mine.shape, dtype=tl.int32)
     for start in range(0, length, CHUNK):
         others = start + tl.arange(0, CHUNK)
         other = tl.load(values_ptr + item * length + others, mask=others < length, other=0)
@@ -313,4 +403,4 @@ def row_ranks_kernel(values_ptr, order_ptr, length, DESCENDING: tl.constexpr,
         ahead |= (other[None, :] == value[:, None]) & (others[None, :] < mine[:, None])
         ahead &= (others < length)[None, :]
         place += tl.sum(ahead.to(tl.int32), axis=1)
-    tl.store(order_ptr + item * length + place, mine.to(tl.int64), mask=valid)
+    return place

@@ -22,6 +22,10 @@ LOG2_E = 1.0 / math.log(2.0)
 # Below this many tokens PyTorch's biased path was faster on an H100 (88 vs 108 µs at 100
 # tokens, batch 256, 12 heads); above it the kernel was (222 vs 255 µs at 178 tokens).
 MIN_TOKENS = 128
+# ... except for small batches (batch × heads up to this), where the kernel was faster at
+# every length (H200, ViT-S/B at batch 1, 8 and 32): there the bias's own two small kernels
+# and SDPA's slower biased path cost more than the kernel's arithmetic saves.
+MAX_HEADS_ALWAYS_KERNEL = 512
 
 
 def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -30,11 +34,13 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of ``B×H×T×d`` heads with each key's logits raised by ``log s``.
 
     ``sizes`` is ``B×T×1`` (None: plain attention). Returns ``B×T×(H·d)``. Without sizes,
-    with dropout, in float32, below ``MIN_TOKENS`` tokens, or where the Triton kernel does
-    not run, this is ``scaled_dot_product_attention`` with the additive bias.
+    with dropout, in float32, below ``MIN_TOKENS`` tokens at large batches, or where the
+    Triton kernel does not run, this is ``scaled_dot_product_attention`` with the additive
+    bias.
     """
     batch, heads, tokens, head_dim = q.shape
-    if (sizes is None or dropout > 0.0 or head_dim > 256 or tokens < MIN_TOKENS
+    few_tokens = tokens < MIN_TOKENS and batch * heads > MAX_HEADS_ALWAYS_KERNEL
+    if (sizes is None or dropout > 0.0 or head_dim > 256 or few_tokens
             or q.dtype not in (torch.bfloat16, torch.float16) or not use_triton(q, k, v)):
         bias = None if sizes is None else log_size_bias(sizes, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,

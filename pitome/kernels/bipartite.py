@@ -14,7 +14,8 @@ import torch
 
 from ..core.plan import MergePlan
 from .backend import use_triton
-from .launch import MAX_METRIC_DIM, dot_precision, metric_block, next_power_of_2
+from .launch import MAX_METRIC_DIM, dot_precision, metric_block, metric_rows, metric_stages, \
+    next_power_of_2
 
 BLOCK_TOKENS = 64
 MAX_SET = 512  # the plan kernel ranks one item's whole set A at once
@@ -33,12 +34,12 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
                    num_prefix: int) -> MergePlan | None:
     """The plan of :func:`pitome.core.matching.match_top_edges` on sets given by position.
 
-    ``metric`` is ``B×n×d`` (the non-prefix tokens); ``order`` (``B×n``, or None for token
-    order) lists the tokens, of which the first ``pooled`` take part and the rest are
-    protected; ``set_a`` and ``set_b`` are ``(first, step, count)`` places in that list.
+    ``metric`` is ``B×n×d`` (the non-prefix tokens), or ``B×n×H×d`` per-head keys whose mean
+    is the metric; ``order`` (``B×n``, or None for token order) lists the tokens, of which
+    the first ``pooled`` take part and the rest are protected; ``set_a`` and ``set_b`` are ``(first, step, count)`` places in that list.
     Returns None where the kernels do not run, and the caller plans with PyTorch.
     """
-    batch, tokens, dim = metric.shape
+    batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
     num_a, num_b = set_a[2], set_b[2]
     if (dim > MAX_METRIC_DIM or num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a
             or not use_triton(metric)):
@@ -46,17 +47,16 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     from . import _triton
 
     device = metric.device
-    if metric.stride(-1) != 1:
-        metric = metric.contiguous()
+    metric, heads, stride_h = metric_rows(metric)
     ordered = order is not None
     order = order.contiguous() if ordered else metric  # never read when not ordered
     score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
     partner = torch.empty(batch, num_a, dtype=torch.long, device=device)
     _triton.best_partner_kernel[(batch, -(-num_a // BLOCK_TOKENS))](
         metric, order, order, score, partner, num_a, num_b, dim, metric.stride(0),
-        metric.stride(1), tokens, set_a[0], set_a[1], tokens, set_b[0], set_b[1],
-        LOOKUP=ordered, BLOCK_A=BLOCK_TOKENS, BLOCK_B=BLOCK_TOKENS,
-        BLOCK_D=metric_block(dim), PRECISION=dot_precision())
+        metric.stride(1), stride_h, tokens, set_a[0], set_a[1], tokens, set_b[0], set_b[1],
+        LOOKUP=ordered, HEADS=heads, BLOCK_A=BLOCK_TOKENS, BLOCK_B=BLOCK_TOKENS,
+        BLOCK_D=metric_block(dim), PRECISION=dot_precision(), num_stages=metric_stages(heads))
 
     num_out = num_prefix + tokens - r
     keep = torch.empty(batch, num_out, dtype=torch.long, device=device)

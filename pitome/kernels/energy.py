@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import torch
 
-from ..core.energy import EnergyKind, cosine_similarity, energy_score, unit_rows
+from ..core.energy import EnergyKind, cosine_similarity, energy_score, head_mean, unit_rows
 from .backend import use_triton
-from .launch import MAX_METRIC_DIM, dot_precision, metric_block
+from .launch import MAX_METRIC_DIM, dot_precision, is_small_batch, metric_block, metric_rows, \
+    metric_stages, next_power_of_2
+from .sort import MAX_LENGTH, argsort_rows
 
 BLOCK_TOKENS = 64
+# Rows and columns of one program of the split energy (small batches). Equal to the
+# column block of the unsplit kernel, so both sum the same terms in the same order.
+SPLIT_BLOCK = BLOCK_TOKENS
 
 
 def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
                  alpha: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``B×T`` float32 energy of each token of a ``B×T×d`` metric.
+    """``B×T`` float32 energy of each token of a ``B×T×d`` metric (or of the mean of
+    ``B×T×H×d`` per-head keys, which the kernel takes as it reads them).
 
     Equal to ``energy_score(cosine_similarity(unit_rows(metric)), ...)`` (see
     :func:`pitome.core.energy.energy_score` for the arguments), which is what runs where
@@ -22,20 +28,55 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     """
     if kind not in ("elu", "gaussian"):
         raise ValueError(f"unknown energy kind {kind!r}; use 'elu' or 'gaussian'")
-    batch, tokens, dim = metric.shape
+    batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
     if dim > MAX_METRIC_DIM or not use_triton(metric):
+        metric = head_mean(metric)
         return energy_score(cosine_similarity(unit_rows(metric)), margin, kind, alpha, weights)
     from . import _triton
 
-    if metric.stride(-1) != 1:
-        metric = metric.contiguous()
+    metric, heads, stride_h = metric_rows(metric)
     out = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
     weights = out if weights is None else weights.float().contiguous()
     grid = (batch, -(-tokens // BLOCK_TOKENS))
     _triton.energy_kernel[grid](
-        metric, weights, out, tokens, dim, metric.stride(0), metric.stride(1), float(margin),
-        float(alpha), max(1.0 - float(margin), 1e-3),
+        metric, weights, out, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
+        float(margin), float(alpha), max(1.0 - float(margin), 1e-3),
         KIND=_triton.ELU if kind == "elu" else _triton.GAUSSIAN, HAS_WEIGHTS=weights is not out,
+        HEADS=heads,
         BLOCK_I=BLOCK_TOKENS, BLOCK_J=BLOCK_TOKENS, BLOCK_D=metric_block(dim),
-        PRECISION=dot_precision())
+        PRECISION=dot_precision(), num_stages=metric_stages(heads))
     return out
+
+
+def tokens_by_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
+                     alpha: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``B×T`` token indices by :func:`token_energy`, highest first (a stable sort).
+
+    Equal to ``argsort_rows(token_energy(...), descending=True)``, and that is what runs for
+    large batches. Up to ``SMALL_BATCH`` items the energy is split over one program per
+    block of rows and of columns, and one more launch sums the blocks and sorts: two short
+    launches where one program per row block would walk every column in series.
+    """
+    batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
+    if (not is_small_batch(batch) or tokens > MAX_LENGTH or kind not in ("elu", "gaussian")
+            or dim > MAX_METRIC_DIM or not use_triton(metric)):
+        return argsort_rows(token_energy(metric, margin, kind, alpha, weights), descending=True)
+    from . import _triton
+
+    metric, heads, stride_h = metric_rows(metric)
+    blocks = -(-tokens // SPLIT_BLOCK)
+    partials = torch.empty(batch, blocks, tokens, dtype=torch.float32, device=metric.device)
+    energy = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
+    order = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
+    weights = energy if weights is None else weights.float().contiguous()
+    _triton.energy_partials_kernel[(batch, blocks, blocks)](
+        metric, weights, partials, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
+        float(margin), float(alpha), max(1.0 - float(margin), 1e-3),
+        KIND=_triton.ELU if kind == "elu" else _triton.GAUSSIAN,
+        HAS_WEIGHTS=weights is not energy, HEADS=heads, BLOCK=SPLIT_BLOCK,
+        BLOCK_D=metric_block(dim), PRECISION=dot_precision())
+    block = max(16, next_power_of_2(tokens))
+    _triton.energy_order_kernel[(batch,)](
+        partials, weights, energy, order, tokens, blocks, HAS_WEIGHTS=weights is not energy,
+        BLOCK=block, CHUNK=32, num_warps=4 if block <= 256 else 8)
+    return order

@@ -2,9 +2,57 @@
 
 from __future__ import annotations
 
-from .backend import interpreting
+import torch
+
+from .backend import interpreting, use_triton
 
 MAX_METRIC_DIM = 256  # wider metrics (e.g. hidden states) take the PyTorch path
+# Up to this batch a block's merge costs launches and latency more than bandwidth, so the
+# kernels fuse steps and spread work over more programs even where that re-reads data:
+# the metric kernels average per-head keys as they read them (saving the mean's launch),
+# and PiToMe's energy is split by column block. Larger batches take the mean first, in
+# one pass, instead of re-reading every head.
+SMALL_BATCH = 16
+
+
+def is_small_batch(batch: int) -> bool:
+    """Whether kernels should take their small-batch form (see ``SMALL_BATCH``)."""
+    return batch <= SMALL_BATCH
+# Bytes of one row's keys over all heads the kernels may load at once: a 64-row block of
+# them must fit in shared memory (ViT-L/16 in bf16: 16 heads × 64 × 2 bytes).
+MAX_HEAD_ROW_BYTES = 2048
+
+
+def fuses_head_mean(head_keys: torch.Tensor) -> bool:
+    """Whether the metric kernels should take these ``B×H×T×d`` keys per head rather than
+    their mean (see :func:`metric_rows`)."""
+    batch, heads, _, dim = head_keys.shape
+    return (is_small_batch(batch) and heads > 1 and dim <= MAX_METRIC_DIM
+            and _head_row_bytes(heads, dim, head_keys) <= MAX_HEAD_ROW_BYTES
+            and use_triton(head_keys))
+
+
+def _head_row_bytes(heads: int, dim: int, keys: torch.Tensor) -> int:
+    return heads * metric_block(dim) * keys.element_size()
+
+
+def metric_rows(metric: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """A metric as the kernels read it: ``B×T×d``, or per-head ``B×T×H×d`` rows whose mean is
+    the metric (averaged first where a row's heads are too wide to load at once); with unit
+    stride along ``d``. Returns it, its heads and their stride."""
+    if metric.dim() == 4 and _head_row_bytes(*metric.shape[2:], metric) > MAX_HEAD_ROW_BYTES:
+        metric = metric.mean(dim=2)
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
+    if metric.dim() == 3:
+        return metric, 1, 0
+    return metric, metric.shape[2], metric.stride(2)
+
+
+def metric_stages(heads: int) -> int:
+    """Software-pipelining stages of a metric kernel's loop. Per-head rows are loaded head by
+    head, and pipelining would keep ``stages × heads`` tiles in shared memory."""
+    return 1 if heads > 1 else 3
 
 
 def next_power_of_2(n: int) -> int:

@@ -40,6 +40,6 @@ def best_partner(metric: torch.Tensor, a_idx: torch.Tensor,
     grid = (batch, -(-num_a // BLOCK_TOKENS))
     _triton.best_partner_kernel[grid](
         metric, a_idx, b_idx, score, index, num_a, num_b, dim, metric.stride(0),
-        metric.stride(1), num_a, 0, 1, num_b, 0, 1, LOOKUP=True, BLOCK_A=BLOCK_TOKENS,
+        metric.stride(1), 0, num_a, 0, 1, num_b, 0, 1, LOOKUP=True, HEADS=1, BLOCK_A=BLOCK_TOKENS,
         BLOCK_B=BLOCK_TOKENS, BLOCK_D=metric_block(dim), PRECISION=dot_precision())
     return score, index
