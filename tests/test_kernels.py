@@ -16,13 +16,13 @@ from conftest import build, images  # noqa: E402
 import pitome  # noqa: E402
 from pitome.algorithms.pitome import PiToMe  # noqa: E402
 from pitome.algorithms.tome import ToMe  # noqa: E402
-from pitome.core.matching import bipartite_merge, match_top_edges  # noqa: E402
+from pitome.core.matching import bipartite_merge, energy_bipartite_merge, match_top_edges  # noqa: E402
 from pitome.core.plan import prune  # noqa: E402
 from pitome.core.registry import MergeContext  # noqa: E402
 from pitome.core.state import MergeState  # noqa: E402
 from pitome.kernels import attention, launch  # noqa: E402
 from pitome.kernels.attention import proportional_attention  # noqa: E402
-from pitome.kernels.energy import tokens_by_energy  # noqa: E402
+from pitome.kernels.energy import EnergyOptions, tokens_by_energy  # noqa: E402
 from pitome.kernels.sort import argsort_rows  # noqa: E402
 from pitome.kernels import best_partner, kernel_backend, merge_tokens, sources_by_destination, \
     token_energy, use_triton  # noqa: E402
@@ -342,6 +342,31 @@ def test_small_batches_plan_on_keys_per_head(monkeypatch, algo, per_head):
         monkeypatch.setattr(launch, "SMALL_BATCH", 1)
         model(images(2).to(DEVICE))
         assert set(metric_dims) == {3}
+
+
+@pytest.mark.parametrize("tokens,r,pooled,split", [
+    (60, 12, 24, "alternate"),    # PiToMe: |A| = r, every A token merges
+    (60, 12, 60, "alternate"),    # BSM-PiToMe: the r best of 30 edges
+    (61, 20, 61, "contiguous"),   # the text split
+    (576, 200, 576, "alternate"),  # ViT-L/16-384: |A| = 288
+])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_energy_plan_in_two_launches_is_the_plan_over_the_energy_order(
+        tokens, r, pooled, split, per_head, weighted):
+    x = head_keys(2, tokens, 3, 16) if per_head else metric(2, tokens, 16, seed=tokens)
+    weights = metric(2, tokens, 1, seed=1)[..., 0].abs().round() + 1 if weighted else None
+    options = EnergyOptions(0.45, "elu", 1.0, weights)
+    with kernel_backend("triton"):
+        fused = energy_bipartite_merge(x, r, 1, options, pooled, split)
+        unfused = bipartite_merge(x, r, 1, tokens_by_energy(x, *options), pooled, split)
+    with kernel_backend("torch"):
+        order = argsort_rows(token_energy(x, *options), descending=True)
+        reference = bipartite_merge(x, r, 1, order, pooled, split)
+    assert fused.grouped_sources is not None
+    assert_same_plan(fused, unfused)
+    if tokens < 100:  # PyTorch's matmul rounds scores differently: 288 edges hold near-ties
+        assert_same_plan(fused, reference)
 
 
 def groups(plan) -> list[list[tuple[int, ...]]]:

@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 
 from ..core.energy import EnergyKind
-from ..core.matching import bipartite_merge
+from ..core.matching import bipartite_merge, energy_bipartite_merge
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
-from ..kernels.energy import token_energy, tokens_by_energy
+from ..kernels.energy import EnergyOptions, token_energy
 from ..kernels.sort import argsort_rows
 from .tome import ToMe
 
@@ -57,15 +57,16 @@ class PiToMe:
         weights = None
         if self.size_weighted and ctx.sizes is not None:
             weights = ctx.sizes[:, ctx.num_prefix:, 0]
-        if ctx.padding is None:
-            order = tokens_by_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
-        else:
-            energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
-            # Padding ranks last: it is protected before any real token is.
-            energy = energy.masked_fill(~ctx.padding[:, ctx.num_prefix:], float("-inf"))
-            order = argsort_rows(energy, descending=True)
-        tokens = order.shape[1]
+        tokens = mergeable.shape[1]
         pooled = tokens if math.isinf(self.pool) else min(tokens, int(round(2 * ctx.r * self.pool)))
+        if ctx.padding is None:
+            options = EnergyOptions(ctx.margin, self.energy, self.alpha, weights)
+            return energy_bipartite_merge(mergeable, ctx.r, ctx.num_prefix, options, pooled,
+                                          self.split)
+        energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
+        # Padding ranks last: it is protected before any real token is.
+        energy = energy.masked_fill(~ctx.padding[:, ctx.num_prefix:], float("-inf"))
+        order = argsort_rows(energy, descending=True)
         return bipartite_merge(mergeable, ctx.r, ctx.num_prefix, order, pooled, self.split,
                                padding=ctx.padding)
 

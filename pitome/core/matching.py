@@ -6,7 +6,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ..kernels.bipartite import bipartite_plan, set_tokens
+from ..kernels.bipartite import bipartite_plan, energy_bipartite_plan, set_tokens
+from ..kernels.energy import EnergyOptions, tokens_by_energy
 from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
 from .energy import head_mean
@@ -56,6 +57,23 @@ def bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
     b_idx = set_tokens(*set_b, order, batch, metric.device)
     protected = order[:, pooled:] if order is not None and pooled < tokens else None
     return match_top_edges(head_mean(metric), a_idx, b_idx, r, num_prefix, protected, padding)
+
+
+def energy_bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
+                           energy: EnergyOptions, pooled: int,
+                           split: Split = "alternate") -> MergePlan:
+    """:func:`bipartite_merge` over the tokens listed by energy, highest first (PiToMe).
+
+    At small batches on a GPU the whole plan takes two launches
+    (:func:`pitome.kernels.bipartite.energy_bipartite_plan`); elsewhere the tokens are
+    ordered by :func:`pitome.kernels.energy.tokens_by_energy` first.
+    """
+    set_a, set_b = split_pool(pooled, split)
+    plan = energy_bipartite_plan(metric, energy, pooled, set_a, set_b, r, num_prefix)
+    if plan is not None:
+        return plan
+    order = tokens_by_energy(metric, *energy)
+    return bipartite_merge(metric, r, num_prefix, order, pooled, split)
 
 
 def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,

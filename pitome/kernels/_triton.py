@@ -118,7 +118,14 @@ def energy_order_kernel(partials_ptr, weights_ptr, energy_ptr, order_ptr, tokens
                         HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """One item's energy from its partial sums, and its tokens by energy, highest first
     (a stable sort, as ``row_ranks_kernel``)."""
-    item = tl.program_id(0).to(tl.int64)
+    _order_by_energy(partials_ptr, weights_ptr, energy_ptr, order_ptr,
+                     tl.program_id(0).to(tl.int64), tokens, blocks, HAS_WEIGHTS, BLOCK, CHUNK)
+
+
+@triton.jit
+def _order_by_energy(partials_ptr, weights_ptr, energy_ptr, order_ptr, item, tokens, blocks,
+                     HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """``energy_order_kernel``'s work for one item."""
     mine = tl.arange(0, BLOCK)
     valid = mine < tokens
     total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -135,6 +142,34 @@ def energy_order_kernel(partials_ptr, weights_ptr, energy_ptr, order_ptr, tokens
     tl.debug_barrier()  # every energy is in memory before any is read back
     place = _places(energy_ptr, item, tokens, mine, energy, True, CHUNK)
     tl.store(order_ptr + item * tokens + place, mine.to(tl.int64), mask=valid)
+
+
+@triton.jit
+def energy_plan_kernel(metric_ptr, partials_ptr, weights_ptr, energy_ptr, order_ptr, score_ptr,
+                       partner_ptr, rank_ptr, keep_ptr, src_ptr, dst_ptr, offsets_ptr,
+                       sources_ptr, batch, tokens, dim, stride_b, stride_t, stride_h, blocks,
+                       pooled, num_prefix, merges, num_a, a_first, a_step, num_b, b_first,
+                       b_step, HAS_WEIGHTS: tl.constexpr, HEADS: tl.constexpr,
+                       ALL_MERGE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr,
+                       BLOCK_EDGES: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """PiToMe's whole plan of one item from its energy partial sums, in one program: the
+    tokens by energy (``energy_order_kernel``), the best edges of set A among them
+    (``best_partner_kernel``) and the plan (``bipartite_plan_kernel``). For small batches,
+    where each of those launches costs more than its work."""
+    item = tl.program_id(0).to(tl.int64)
+    _order_by_energy(partials_ptr, weights_ptr, energy_ptr, order_ptr, item, tokens, blocks,
+                     HAS_WEIGHTS, BLOCK_T, CHUNK)
+    tl.debug_barrier()  # the order is in memory before it is read back
+    for start in range(0, num_a, BLOCK_EDGES):
+        _store_best_edges(metric_ptr + item * stride_b, order_ptr, order_ptr, score_ptr,
+                          partner_ptr, item, start + tl.arange(0, BLOCK_EDGES), num_a, num_b,
+                          dim, stride_t, stride_h, tokens, a_first, a_step, tokens, b_first,
+                          b_step, True, HEADS, BLOCK_EDGES, BLOCK_D, PRECISION)
+    tl.debug_barrier()  # every edge is in memory before the plan reads them
+    _write_plan(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr, dst_ptr,
+                offsets_ptr, sources_ptr, item, batch, tokens, pooled, num_prefix, merges,
+                num_a, a_first, a_step, num_b, b_first, b_step, True, ALL_MERGE, BLOCK_A, CHUNK)
 
 
 @triton.jit
@@ -159,13 +194,24 @@ def best_partner_kernel(metric_ptr, a_ptr, b_ptr, score_ptr, index_ptr, num_a, n
     The sets are given as in :func:`_set_tokens`."""
     item = tl.program_id(0).to(tl.int64)
     positions = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    _store_best_edges(metric_ptr + item * stride_b, a_ptr, b_ptr, score_ptr, index_ptr, item,
+                      positions, num_a, num_b, dim, stride_t, stride_h, a_row, a_first,
+                      a_step, b_row, b_first, b_step, LOOKUP, HEADS, BLOCK_B, BLOCK_D,
+                      PRECISION)
+
+
+@triton.jit
+def _store_best_edges(base, a_ptr, b_ptr, score_ptr, index_ptr, item, positions, num_a, num_b,
+                      dim, stride_t, stride_h, a_row, a_first, a_step, b_row, b_first, b_step,
+                      LOOKUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """``best_partner_kernel``'s work for A tokens ``positions`` of the item at ``base``."""
     in_a = positions < num_a
     cols = tl.arange(0, BLOCK_D)
-    base = metric_ptr + item * stride_b
     rows_a = _set_tokens(a_ptr, item, positions, in_a, a_row, a_first, a_step, LOOKUP)
     unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, stride_h, cols, HEADS)
-    best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
-    best_at = tl.zeros([BLOCK_A], dtype=tl.int64)
+    best = tl.full(positions.shape, float("-inf"), dtype=tl.float32)
+    best_at = tl.zeros(positions.shape, dtype=tl.int64)
     for start in range(0, num_b, BLOCK_B):
         others = start + tl.arange(0, BLOCK_B)
         in_b = others < num_b
@@ -194,7 +240,18 @@ def bipartite_plan_kernel(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr,
     same order: ``keep`` = prefix, protected (``order[pooled:]``), staying A tokens by
     rank, B tokens; ``src``/``dst`` by rank; and the merges grouped by output row.
     Token indices are relative to the non-prefix tokens unless ``+ num_prefix``."""
-    item = tl.program_id(0).to(tl.int64)
+    _write_plan(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr, dst_ptr,
+                offsets_ptr, sources_ptr, tl.program_id(0).to(tl.int64), batch, tokens, pooled,
+                num_prefix, merges, num_a, a_first, a_step, num_b, b_first, b_step, ORDERED,
+                ALL_MERGE, BLOCK_A, CHUNK)
+
+
+@triton.jit
+def _write_plan(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr, dst_ptr,
+                offsets_ptr, sources_ptr, item, batch, tokens, pooled, num_prefix, merges,
+                num_a, a_first, a_step, num_b, b_first, b_step, ORDERED: tl.constexpr,
+                ALL_MERGE: tl.constexpr, BLOCK_A: tl.constexpr, CHUNK: tl.constexpr):
+    """``bipartite_plan_kernel``'s work for one item."""
     tokens_in = num_prefix + tokens
     num_out = tokens_in - merges
     protected = tokens - pooled

@@ -5,7 +5,9 @@ index arithmetic, gathers, a sort of the edges, concatenations, and a sort of th
 destinations to group the merges for the merge kernel. On a GPU each costs a launch and a
 few microseconds however little it computes, which is most of a block's time at small
 batches. Here one kernel finds every A token's best edge and a second writes the plan,
-already grouped by destination, one program per item.
+already grouped by destination, one program per item. PiToMe's plan at small batches also
+takes two: the energy in tiles, then one program per item that orders the tokens by it,
+finds the best edges and writes the plan.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import torch
 
 from ..core.plan import MergePlan
 from .backend import use_triton
-from .launch import MAX_METRIC_DIM, dot_precision, metric_block, metric_rows, metric_stages, \
-    next_power_of_2
+from .energy import EnergyOptions, energy_partials, rank_block
+from .launch import MAX_METRIC_DIM, dot_precision, is_small_batch, metric_block, metric_rows, \
+    metric_stages, next_power_of_2
 
 BLOCK_TOKENS = 64
+SMALL_BLOCK_TOKENS = 32  # small batches: more, shorter programs (H200, batch 1: 1-5% faster)
 MAX_SET = 512  # the plan kernel ranks one item's whole set A at once
 CHUNK = 32
 
@@ -36,8 +40,9 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
 
     ``metric`` is ``B×n×d`` (the non-prefix tokens), or ``B×n×H×d`` per-head keys whose mean
     is the metric; ``order`` (``B×n``, or None for token order) lists the tokens, of which
-    the first ``pooled`` take part and the rest are protected; ``set_a`` and ``set_b`` are ``(first, step, count)`` places in that list.
-    Returns None where the kernels do not run, and the caller plans with PyTorch.
+    the first ``pooled`` take part and the rest are protected; ``set_a`` and ``set_b`` are
+    ``(first, step, count)`` places in that list. Returns None where the kernels do not
+    run, and the caller plans with PyTorch.
     """
     batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
     num_a, num_b = set_a[2], set_b[2]
@@ -52,12 +57,64 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     order = order.contiguous() if ordered else metric  # never read when not ordered
     score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
     partner = torch.empty(batch, num_a, dtype=torch.long, device=device)
-    _triton.best_partner_kernel[(batch, -(-num_a // BLOCK_TOKENS))](
+    block = SMALL_BLOCK_TOKENS if is_small_batch(batch) else BLOCK_TOKENS
+    _triton.best_partner_kernel[(batch, -(-num_a // block))](
         metric, order, order, score, partner, num_a, num_b, dim, metric.stride(0),
         metric.stride(1), stride_h, tokens, set_a[0], set_a[1], tokens, set_b[0], set_b[1],
-        LOOKUP=ordered, HEADS=heads, BLOCK_A=BLOCK_TOKENS, BLOCK_B=BLOCK_TOKENS,
+        LOOKUP=ordered, HEADS=heads, BLOCK_A=block, BLOCK_B=block,
         BLOCK_D=metric_block(dim), PRECISION=dot_precision(), num_stages=metric_stages(heads))
 
+    plan, buffers = _plan_outputs(batch, tokens, num_prefix, r, num_a, device)
+    block_a = max(16, next_power_of_2(num_a))
+    _triton.bipartite_plan_kernel[(batch,)](
+        score, partner, order, *buffers, batch, tokens, pooled, num_prefix, r, num_a,
+        set_a[0], set_a[1], num_b, set_b[0], set_b[1], ORDERED=ordered, ALL_MERGE=r == num_a,
+        BLOCK_A=block_a, CHUNK=CHUNK, num_warps=4 if block_a <= 256 else 8)
+    return plan
+
+
+def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: int,
+                          set_a: tuple[int, int, int], set_b: tuple[int, int, int], r: int,
+                          num_prefix: int) -> MergePlan | None:
+    """:func:`bipartite_plan` over the tokens listed by energy, highest first (PiToMe), for
+    small batches in two launches: the energy's partial sums
+    (:func:`pitome.kernels.energy.energy_partials`), then one program per item that sums
+    them, orders the tokens, finds set A's best edges and writes the plan. Returns None
+    where it does not apply; the caller then orders the tokens and calls
+    :func:`bipartite_plan`."""
+    batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
+    num_a, num_b = set_a[2], set_b[2]
+    if num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a:
+        return None
+    split = energy_partials(metric, energy)
+    if split is None:
+        return None
+    from . import _triton
+
+    partials, weights = split
+    device = metric.device
+    metric, heads, stride_h = metric_rows(metric)
+    energy_out = torch.empty(batch, tokens, dtype=torch.float32, device=device)
+    order = torch.empty(batch, tokens, dtype=torch.long, device=device)
+    score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
+    partner = torch.empty(batch, num_a, dtype=torch.long, device=device)
+    plan, buffers = _plan_outputs(batch, tokens, num_prefix, r, num_a, device)
+    block_t, block_a = rank_block(tokens), max(16, next_power_of_2(num_a))
+    _triton.energy_plan_kernel[(batch,)](
+        metric, partials, energy_out if weights is None else weights, energy_out, order, score,
+        partner, *buffers, batch, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
+        partials.shape[1], pooled, num_prefix, r, num_a, set_a[0], set_a[1], num_b, set_b[0],
+        set_b[1], HAS_WEIGHTS=weights is not None, HEADS=heads, ALL_MERGE=r == num_a,
+        BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_EDGES=SMALL_BLOCK_TOKENS,
+        BLOCK_D=metric_block(dim), CHUNK=CHUNK, PRECISION=dot_precision(),
+        num_warps=4 if max(block_t, block_a) <= 256 else 8, num_stages=metric_stages(heads))
+    return plan
+
+
+def _plan_outputs(batch: int, tokens: int, num_prefix: int, r: int, num_a: int,
+                  device: torch.device) -> tuple[MergePlan, tuple[torch.Tensor, ...]]:
+    """The plan the plan kernels write, and their output arguments in order (rank scratch,
+    keep, src, dst, offsets and sources of the merges grouped by destination)."""
     num_out = num_prefix + tokens - r
     keep = torch.empty(batch, num_out, dtype=torch.long, device=device)
     src = torch.empty(batch, r, dtype=torch.long, device=device)
@@ -65,10 +122,5 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     offsets = torch.empty(batch * num_out + 1, dtype=torch.long, device=device)
     sources = torch.empty(batch * r, dtype=torch.long, device=device)
     rank = torch.empty(batch, num_a, dtype=torch.int32, device=device)
-    block_a = max(16, next_power_of_2(num_a))
-    _triton.bipartite_plan_kernel[(batch,)](
-        score, partner, order, rank, keep, src, dst, offsets, sources, batch, tokens, pooled,
-        num_prefix, r, num_a, set_a[0], set_a[1], num_b, set_b[0], set_b[1],
-        ORDERED=ordered, ALL_MERGE=r == num_a, BLOCK_A=block_a, CHUNK=CHUNK,
-        num_warps=4 if block_a <= 256 else 8)
-    return MergePlan(keep=keep, src=src, dst=dst, grouped_sources=(offsets, sources))
+    plan = MergePlan(keep=keep, src=src, dst=dst, grouped_sources=(offsets, sources))
+    return plan, (rank, keep, src, dst, offsets, sources)

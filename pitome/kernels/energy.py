@@ -3,6 +3,8 @@ materialising the ``B×T×T`` similarity."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..core.energy import EnergyKind, cosine_similarity, energy_score, head_mean, unit_rows
@@ -11,6 +13,7 @@ from .launch import MAX_METRIC_DIM, dot_precision, is_small_batch, metric_block,
     metric_stages, next_power_of_2
 from .sort import MAX_LENGTH, argsort_rows
 
+ENERGY_KINDS = ("elu", "gaussian")  # the kernels' KIND: ELU = 0, GAUSSIAN = 1
 BLOCK_TOKENS = 64
 # Rows and columns of one program of the split energy (small batches). Equal to the
 # column block of the unsplit kernel, so both sum the same terms in the same order.
@@ -48,35 +51,67 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     return out
 
 
+class EnergyOptions(NamedTuple):
+    """How PiToMe's energy is computed (see :func:`token_energy`)."""
+
+    margin: float
+    kind: EnergyKind = "elu"
+    alpha: float = 1.0
+    weights: torch.Tensor | None = None
+
+
 def tokens_by_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
                      alpha: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``B×T`` token indices by :func:`token_energy`, highest first (a stable sort).
 
     Equal to ``argsort_rows(token_energy(...), descending=True)``, and that is what runs for
     large batches. Up to ``SMALL_BATCH`` items the energy is split over one program per
-    block of rows and of columns, and one more launch sums the blocks and sorts: two short
-    launches where one program per row block would walk every column in series.
+    block of rows and of columns (:func:`energy_partials`), and one more launch sums the
+    blocks and sorts: two short launches where one program per row block would walk every
+    column in series.
     """
+    options = EnergyOptions(margin, kind, alpha, weights)
+    split = energy_partials(metric, options)
+    if split is None:
+        return argsort_rows(token_energy(metric, *options), descending=True)
+    from . import _triton
+
+    partials, weights = split
+    batch, blocks, tokens = partials.shape
+    energy = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
+    order = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
+    block = rank_block(tokens)
+    _triton.energy_order_kernel[(batch,)](
+        partials, energy if weights is None else weights, energy, order, tokens, blocks,
+        HAS_WEIGHTS=weights is not None, BLOCK=block, CHUNK=32,
+        num_warps=4 if block <= 256 else 8)
+    return order
+
+
+def energy_partials(metric: torch.Tensor, options: EnergyOptions
+                    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The energy's sums over each block of ``SPLIT_BLOCK`` columns, ``B×(blocks)×T``, and
+    the weights as the kernels read them; or None where the split does not apply (large
+    batches, rows too long to sort in one program, no Triton)."""
     batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
-    if (not is_small_batch(batch) or tokens > MAX_LENGTH or kind not in ("elu", "gaussian")
+    if (not is_small_batch(batch) or tokens > MAX_LENGTH or options.kind not in ENERGY_KINDS
             or dim > MAX_METRIC_DIM or not use_triton(metric)):
-        return argsort_rows(token_energy(metric, margin, kind, alpha, weights), descending=True)
+        return None
     from . import _triton
 
     metric, heads, stride_h = metric_rows(metric)
     blocks = -(-tokens // SPLIT_BLOCK)
     partials = torch.empty(batch, blocks, tokens, dtype=torch.float32, device=metric.device)
-    energy = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
-    order = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
-    weights = energy if weights is None else weights.float().contiguous()
+    weights = None if options.weights is None else options.weights.float().contiguous()
     _triton.energy_partials_kernel[(batch, blocks, blocks)](
-        metric, weights, partials, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
-        float(margin), float(alpha), max(1.0 - float(margin), 1e-3),
-        KIND=_triton.ELU if kind == "elu" else _triton.GAUSSIAN,
-        HAS_WEIGHTS=weights is not energy, HEADS=heads, BLOCK=SPLIT_BLOCK,
-        BLOCK_D=metric_block(dim), PRECISION=dot_precision())
-    block = max(16, next_power_of_2(tokens))
-    _triton.energy_order_kernel[(batch,)](
-        partials, weights, energy, order, tokens, blocks, HAS_WEIGHTS=weights is not energy,
-        BLOCK=block, CHUNK=32, num_warps=4 if block <= 256 else 8)
-    return order
+        metric, partials if weights is None else weights, partials, tokens, dim,
+        metric.stride(0), metric.stride(1), stride_h, float(options.margin),
+        float(options.alpha), max(1.0 - float(options.margin), 1e-3),
+        KIND=ENERGY_KINDS.index(options.kind), HAS_WEIGHTS=weights is not None, HEADS=heads,
+        BLOCK=SPLIT_BLOCK, BLOCK_D=metric_block(dim), PRECISION=dot_precision())
+    return partials, weights
+
+
+def rank_block(length: int) -> int:
+    """Lanes of a kernel that ranks a whole row of ``length`` at once."""
+    return max(16, next_power_of_2(length))
