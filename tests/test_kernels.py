@@ -294,7 +294,7 @@ def test_fused_plan_of_per_head_keys_is_the_plan_of_their_mean(dtype, ordered):
     keys = head_keys(2, 61, 6, 16, dtype)[:, 1:]
     order = torch.stack([torch.randperm(60, generator=torch.Generator().manual_seed(i))
                          for i in range(2)]).to(DEVICE)
-    options = dict(order=order, pooled=40) if ordered else {}
+    options = {"order": order, "pooled": 40} if ordered else {}
     with kernel_backend("triton"):
         fused = bipartite_merge(keys, 15, 1, **options)
         of_mean = bipartite_merge(keys.mean(dim=2), 15, 1, **options)

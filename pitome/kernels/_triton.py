@@ -129,7 +129,7 @@ def _order_by_energy(partials_ptr, weights_ptr, energy_ptr, order_ptr, item, tok
     mine = tl.arange(0, BLOCK)
     valid = mine < tokens
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for block in range(0, blocks):
+    for block in range(blocks):
         total += tl.load(partials_ptr + (item * blocks + block) * tokens + mine, mask=valid,
                          other=0.0)
     weight_sum = tl.zeros([CHUNK], dtype=tl.float32)

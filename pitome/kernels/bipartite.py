@@ -17,8 +17,15 @@ import torch
 from ..core.plan import MergePlan
 from .backend import use_triton
 from .energy import EnergyOptions, energy_partials, rank_block
-from .launch import MAX_METRIC_DIM, dot_precision, is_small_batch, metric_block, metric_rows, \
-    metric_stages, next_power_of_2
+from .launch import (
+    MAX_METRIC_DIM,
+    dot_precision,
+    is_small_batch,
+    metric_block,
+    metric_rows,
+    metric_stages,
+    next_power_of_2,
+)
 
 BLOCK_TOKENS = 64
 SMALL_BLOCK_TOKENS = 32  # small batches: more, shorter programs (H200, batch 1: 1-5% faster)

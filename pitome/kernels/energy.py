@@ -9,8 +9,15 @@ import torch
 
 from ..core.energy import EnergyKind, cosine_similarity, energy_score, head_mean, unit_rows
 from .backend import use_triton
-from .launch import MAX_METRIC_DIM, dot_precision, is_small_batch, metric_block, metric_rows, \
-    metric_stages, next_power_of_2
+from .launch import (
+    MAX_METRIC_DIM,
+    dot_precision,
+    is_small_batch,
+    metric_block,
+    metric_rows,
+    metric_stages,
+    next_power_of_2,
+)
 from .sort import MAX_LENGTH, argsort_rows
 
 ENERGY_KINDS = ("elu", "gaussian")  # the kernels' KIND: ELU = 0, GAUSSIAN = 1
