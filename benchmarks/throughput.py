@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--algos", nargs="+", default=list(ALGOS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="CUDA graph rows: the variants take turns this many times and "
+                             "each keeps its median, so clock drift hits all alike")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also measure every variant replayed as a CUDA graph")
     parser.add_argument("--compile", action="store_true",
@@ -90,7 +93,7 @@ def main() -> None:
         model = create_timm_model(name)
         rows = benchmark(model, [BASELINE, ORACLE, *args.algos], ratio, batch, device, dtype,
                          warmup=args.warmup, repeats=args.repeats, cuda_graph=graphed,
-                         compile=compiled,
+                         compile=compiled, rounds=args.rounds if graphed else 1,
                          progress=lambda algo: print(f"  {name} b{batch} {mode}: {algo}",
                                                      file=sys.stderr, flush=True))
         oracle = rows[1].images_per_s

@@ -108,21 +108,44 @@ def oracle_forward(model: nn.Module, counts: Sequence[int]) -> Callable[[torch.T
     return forward
 
 
-def peak_memory_mib(run: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory allocated during one call of ``run`` (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+class _PeakMemory:
+    """Peak memory a block of work allocates on ``device`` over what was allocated when it
+    began, plus ``base``: what one variant needs with the weights and inputs (``base``),
+    whatever earlier variants still hold. None off CUDA."""
+
+    def __init__(self, device: torch.device, base: int) -> None:
+        self.device, self.base = device, base
+        self.mib: float | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            grown = torch.cuda.max_memory_allocated(self.device) - self._before
+            self.mib = (self.base + grown) / 2 ** 20
+
+
+@dataclass
+class _Variant:
+    algo: str
+    counts: list[int]
+    merge_macs: int
+    run: Callable[[], None]
+    peak_memory_mib: float | None
+    seconds: list[float]
 
 
 def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
               device: torch.device, dtype: torch.dtype, warmup: int = 2, repeats: int = 5,
               progress: Callable[[str], None] | None = None,
-              cuda_graph: bool = False, compile: bool = False) -> list[BenchRow]:
+              cuda_graph: bool = False, compile: bool = False,
+              rounds: int = 1) -> list[BenchRow]:
     """Measure every algorithm in ``algos`` on ``model``.
 
     ``"none"`` is the unmerged model and ``"oracle"`` the token-slicing oracle (see
@@ -131,6 +154,13 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
     (throughput depends on shapes, not on pixel values). ``cuda_graph`` replays every
     variant, the unmerged model included, as a captured CUDA graph (no launch overhead);
     ``compile`` runs every variant through ``torch.compile`` (both may be combined).
+
+    Each variant's time is the median over ``rounds`` of the median of ``repeats`` calls.
+    With ``cuda_graph`` the variants are captured first and then timed in turn, round after
+    round, so that a drift of the GPU's clock over the run lands on every variant alike
+    (eager variants share the one model, so each is timed while it is patched in). Peak
+    memory is the weights and inputs plus what the variant itself allocates at its peak,
+    capture included.
     """
     model = model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -141,8 +171,12 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
     unmerged = [num_patches + model.num_prefix_tokens] * (shape.num_blocks + 1)
     schedule = TokenSchedule(ratio=ratio).plan(unmerged[0], model.num_prefix_tokens,
                                                shape.num_blocks)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
-    rows: list[BenchRow] = []
+    def timed(run: Callable[[], None]) -> float:
+        return time_forward(run, device, warmup, repeats)
+
+    variants: list[_Variant] = []
     for algo in algos:
         if progress is not None:
             progress(algo)
@@ -161,24 +195,40 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
             merge_macs = similarity_macs(model.__dict__[CONFIG_ATTR].algorithm, counts,
                                          model.num_prefix_tokens, model.blocks[0].attn.head_dim)
 
-        if compile:
-            forward = torch.compile(forward)
-        if cuda_graph:
-            forward = CudaGraphForward(forward, images)
+        with _PeakMemory(device, base) as peak:
+            if compile:
+                forward = torch.compile(forward)
+            if cuda_graph:
+                forward = CudaGraphForward(forward, images)
+            run = _inference(forward, images)
+            run()
+        seconds = [] if cuda_graph else [timed(run) for _ in range(rounds)]
+        variants.append(_Variant(algo, counts, merge_macs, run, peak.mib, seconds))
+    if cuda_graph:
+        for _ in range(rounds):
+            for variant in variants:
+                variant.seconds.append(timed(variant.run))
+    unpatch(model)
 
-        def run() -> None:
-            with torch.inference_mode():
-                forward(images)
-
-        seconds = time_forward(run, device, warmup, repeats)
+    rows: list[BenchRow] = []
+    for variant in variants:
+        seconds = statistics.median(variant.seconds)
         reference = rows[0].images_per_s if rows else batch / seconds
         rows.append(BenchRow(
-            algo=algo, ratio=1.0 if algo == BASELINE else ratio, tokens_out=counts[-1],
-            gflops=vit_macs(shape, counts, num_patches) / 1e9, merge_gflops=merge_macs / 1e9,
-            images_per_s=batch / seconds, speedup=batch / seconds / reference,
-            peak_memory_mib=peak_memory_mib(run, device)))
-    unpatch(model)
+            algo=variant.algo, ratio=1.0 if variant.algo == BASELINE else ratio,
+            tokens_out=variant.counts[-1],
+            gflops=vit_macs(shape, variant.counts, num_patches) / 1e9,
+            merge_gflops=variant.merge_macs / 1e9, images_per_s=batch / seconds,
+            speedup=batch / seconds / reference, peak_memory_mib=variant.peak_memory_mib))
     return rows
+
+
+def _inference(forward: Callable[[torch.Tensor], torch.Tensor],
+               images: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            forward(images)
+    return run
 
 
 def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model precision (default: bf16 on CUDA, fp32 on CPU)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed forwards per method")
     bench.add_argument("--repeats", type=int, default=5, help="timed forwards per method (median)")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="times every method this many times, the median counts; with "
+                            "--cuda-graph the methods take turns, so clock drift hits all alike")
     bench.add_argument("--oracle", action="store_true",
                        help="add the token-slicing oracle: the same schedule with zero merge "
                             "cost, the speed limit of merging")
@@ -115,6 +118,8 @@ def run_bench(args: argparse.Namespace) -> int:
         algos.insert(1 if algos[:1] == ["none"] else 0, "oracle")
     if args.batch is not None and args.batch < 1:
         raise SystemExit("pitome bench: --batch must be at least 1")
+    if args.rounds < 1:
+        raise SystemExit("pitome bench: --rounds must be at least 1")
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit(f"pitome bench: --cuda-graph needs a CUDA device, not {device}")
 
@@ -125,7 +130,8 @@ def run_bench(args: argparse.Namespace) -> int:
     progress = None if args.json else (
         lambda algo: print(f"timing {algo} ...", file=sys.stderr, flush=True))
     rows = benchmark(model, algos, args.ratio, batch, device, dtype, warmup=args.warmup,
-                     repeats=args.repeats, progress=progress, cuda_graph=args.cuda_graph)
+                     repeats=args.repeats, progress=progress, cuda_graph=args.cuda_graph,
+                     rounds=args.rounds)
     if args.json:
         print(json.dumps({"setup": setup.__dict__, "rows": [row.as_dict() for row in rows],
                           "torch": torch.__version__}, indent=2))

@@ -94,3 +94,15 @@ def test_visualize_command(tmp_path):
                  "--out", str(out)]) == 0
     with Image.open(out) as picture:
         assert picture.size == (3 * 224 + 2 * 8, 224 + 16)
+
+
+def test_bench_rounds_time_each_method_again(monkeypatch):
+    from pitome import bench
+
+    timed = []
+    monkeypatch.setattr(bench, "time_forward", lambda run, *args: timed.append(run) or 0.01)
+    main(["bench", "--model", TINY_MODEL, "--batch", "1", "--warmup", "0", "--repeats", "1",
+          "--algos", "none,tome", "--rounds", "3", "--json"])
+    assert len(timed) == 6 and len(set(timed[:3])) == 1 and len(set(timed[3:])) == 1
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        main(["bench", "--model", TINY_MODEL, "--rounds", "0"])

@@ -105,3 +105,23 @@ def test_planning_ahead_on_a_side_stream_merges_as_in_series(monkeypatch, algo, 
     for block, plan in series_plans.items():
         assert torch.equal(ahead_plans[block].keep, plan.keep), block
         assert torch.equal(ahead_plans[block].src, plan.src), block
+
+
+def test_benchmarked_graphs_take_turns_and_peak_memory_is_their_own(monkeypatch):
+    from pitome import bench
+
+    timed = []
+    time_forward = bench.time_forward
+
+    def spy(run, device, warmup, repeats):
+        timed.append(run)
+        return time_forward(run, device, warmup, repeats)
+
+    monkeypatch.setattr(bench, "time_forward", spy)
+    model = build("vit")
+    rows = bench.benchmark(model, ["none", "tome"], 0.8, 4, torch.device("cuda"),
+                           torch.bfloat16, warmup=1, repeats=2, cuda_graph=True, rounds=2)
+    assert len(timed) == 4 and timed[0] is timed[2] and timed[1] is timed[3]
+    assert timed[0] is not timed[1]
+    unpatched, merged = (row.peak_memory_mib for row in rows)
+    assert merged <= unpatched + 1.0  # the unpatched graph, still held, is not counted
