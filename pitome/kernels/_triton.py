@@ -5,8 +5,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-ELU, GAUSSIAN = 0, 1
-
 
 @triton.jit
 def _rounded_like(x, dtype: tl.constexpr):
@@ -76,7 +74,8 @@ def _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS: tl.co
 
 @triton.jit
 def _energy_sums(similarity, weight, margin, alpha, sigma, KIND: tl.constexpr):
-    """Each row's weighted sum of energy terms over a block of columns."""
+    """Each row's weighted sum of energy terms over a block of columns; ``KIND`` 0 is the
+    ELU, 1 the Gaussian (the order of ``energy.ENERGY_KINDS``)."""
     if KIND == 0:
         shifted = similarity - margin
         terms = tl.where(shifted > 0, shifted, alpha * (tl.exp(shifted) - 1.0))

@@ -20,7 +20,7 @@ from .launch import (
 )
 from .sort import MAX_LENGTH, argsort_rows
 
-ENERGY_KINDS = ("elu", "gaussian")  # the kernels' KIND: ELU = 0, GAUSSIAN = 1
+ENERGY_KINDS = ("elu", "gaussian")  # a kind's place here is the kernels' KIND
 BLOCK_TOKENS = 64
 # Rows and columns of one program of the split energy (small batches). Equal to the
 # column block of the unsplit kernel, so both sum the same terms in the same order.
@@ -36,7 +36,7 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     :func:`pitome.core.energy.energy_score` for the arguments), which is what runs where
     the Triton kernel does not (see :mod:`pitome.kernels.backend`).
     """
-    if kind not in ("elu", "gaussian"):
+    if kind not in ENERGY_KINDS:
         raise ValueError(f"unknown energy kind {kind!r}; use 'elu' or 'gaussian'")
     batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
     if dim > MAX_METRIC_DIM or not use_triton(metric):
@@ -51,7 +51,7 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     _triton.energy_kernel[grid](
         metric, weights, out, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
         float(margin), float(alpha), max(1.0 - float(margin), 1e-3),
-        KIND=_triton.ELU if kind == "elu" else _triton.GAUSSIAN, HAS_WEIGHTS=weights is not out,
+        KIND=ENERGY_KINDS.index(kind), HAS_WEIGHTS=weights is not out,
         HEADS=heads,
         BLOCK_I=BLOCK_TOKENS, BLOCK_J=BLOCK_TOKENS, BLOCK_D=metric_block(dim),
         PRECISION=dot_precision(), num_stages=metric_stages(heads))
