@@ -25,6 +25,7 @@ from .launch import (
     metric_rows,
     metric_stages,
     next_power_of_2,
+    row_warps,
 )
 
 BLOCK_TOKENS = 64
@@ -76,7 +77,7 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     _triton.bipartite_plan_kernel[(batch,)](
         score, partner, order, *buffers, batch, tokens, pooled, num_prefix, r, num_a,
         set_a[0], set_a[1], num_b, set_b[0], set_b[1], ORDERED=ordered, ALL_MERGE=r == num_a,
-        BLOCK_A=block_a, CHUNK=CHUNK, num_warps=4 if block_a <= 256 else 8)
+        BLOCK_A=block_a, CHUNK=CHUNK, num_warps=row_warps(block_a))
     return plan
 
 
@@ -93,6 +94,7 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     num_a, num_b = set_a[2], set_b[2]
     if num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a:
         return None
+    metric, heads, stride_h = metric_rows(metric)
     split = energy_partials(metric, energy)
     if split is None:
         return None
@@ -100,7 +102,6 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
 
     partials, weights = split
     device = metric.device
-    metric, heads, stride_h = metric_rows(metric)
     energy_out = torch.empty(batch, tokens, dtype=torch.float32, device=device)
     order = torch.empty(batch, tokens, dtype=torch.long, device=device)
     score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
@@ -114,7 +115,7 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
         set_b[1], HAS_WEIGHTS=weights is not None, HEADS=heads, ALL_MERGE=r == num_a,
         BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_EDGES=SMALL_BLOCK_TOKENS,
         BLOCK_D=metric_block(dim), CHUNK=CHUNK, PRECISION=dot_precision(),
-        num_warps=4 if max(block_t, block_a) <= 256 else 8, num_stages=metric_stages(heads))
+        num_warps=row_warps(max(block_t, block_a)), num_stages=metric_stages(heads))
     return plan
 
 

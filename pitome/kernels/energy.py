@@ -17,6 +17,7 @@ from .launch import (
     metric_rows,
     metric_stages,
     next_power_of_2,
+    row_warps,
 )
 from .sort import MAX_LENGTH, argsort_rows
 
@@ -90,8 +91,7 @@ def tokens_by_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "el
     block = rank_block(tokens)
     _triton.energy_order_kernel[(batch,)](
         partials, energy if weights is None else weights, energy, order, tokens, blocks,
-        HAS_WEIGHTS=weights is not None, BLOCK=block, CHUNK=32,
-        num_warps=4 if block <= 256 else 8)
+        HAS_WEIGHTS=weights is not None, BLOCK=block, CHUNK=32, num_warps=row_warps(block))
     return order
 
 

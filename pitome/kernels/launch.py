@@ -55,6 +55,11 @@ def metric_stages(heads: int) -> int:
     return 1 if heads > 1 else 3
 
 
+def row_warps(lanes: int) -> int:
+    """Warps of a one-program-per-item kernel whose rows are ``lanes`` wide."""
+    return 4 if lanes <= 256 else 8
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 

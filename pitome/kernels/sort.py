@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backend import use_triton
-from .launch import next_power_of_2
+from .launch import next_power_of_2, row_warps
 
 MAX_LENGTH = 1024
 
@@ -26,5 +26,5 @@ def argsort_rows(values: torch.Tensor, descending: bool = False) -> torch.Tensor
     order = torch.empty(batch, length, dtype=torch.long, device=values.device)
     block = max(16, next_power_of_2(length))
     _triton.row_ranks_kernel[(batch,)](values, order, length, DESCENDING=descending,
-                                       BLOCK=block, CHUNK=32, num_warps=4 if block <= 256 else 8)
+                                       BLOCK=block, CHUNK=32, num_warps=row_warps(block))
     return order
