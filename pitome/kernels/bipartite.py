@@ -16,7 +16,7 @@ import torch
 
 from ..core.plan import MergePlan
 from .backend import use_triton
-from .energy import EnergyOptions, energy_partials, rank_block
+from .energy import EnergyOptions, energy_partials
 from .launch import (
     MAX_METRIC_DIM,
     dot_precision,
@@ -24,7 +24,7 @@ from .launch import (
     metric_block,
     metric_rows,
     metric_stages,
-    next_power_of_2,
+    row_block,
     row_warps,
 )
 
@@ -73,7 +73,7 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
         BLOCK_D=metric_block(dim), PRECISION=dot_precision(), num_stages=metric_stages(heads))
 
     plan, buffers = _plan_outputs(batch, tokens, num_prefix, r, num_a, device)
-    block_a = max(16, next_power_of_2(num_a))
+    block_a = row_block(num_a)
     _triton.bipartite_plan_kernel[(batch,)](
         score, partner, order, *buffers, batch, tokens, pooled, num_prefix, r, num_a,
         set_a[0], set_a[1], num_b, set_b[0], set_b[1], ORDERED=ordered, ALL_MERGE=r == num_a,
@@ -107,7 +107,7 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
     partner = torch.empty(batch, num_a, dtype=torch.long, device=device)
     plan, buffers = _plan_outputs(batch, tokens, num_prefix, r, num_a, device)
-    block_t, block_a = rank_block(tokens), max(16, next_power_of_2(num_a))
+    block_t, block_a = row_block(tokens), row_block(num_a)
     _triton.energy_plan_kernel[(batch,)](
         metric, partials, energy_out if weights is None else weights, energy_out, order, score,
         partner, *buffers, batch, tokens, dim, metric.stride(0), metric.stride(1), stride_h,

@@ -16,7 +16,7 @@ from .launch import (
     metric_block,
     metric_rows,
     metric_stages,
-    next_power_of_2,
+    row_block,
     row_warps,
 )
 from .sort import MAX_LENGTH, argsort_rows
@@ -52,8 +52,7 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     _triton.energy_kernel[grid](
         metric, weights, out, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
         float(margin), float(alpha), max(1.0 - float(margin), 1e-3),
-        KIND=ENERGY_KINDS.index(kind), HAS_WEIGHTS=weights is not out,
-        HEADS=heads,
+        KIND=ENERGY_KINDS.index(kind), HAS_WEIGHTS=weights is not out, HEADS=heads,
         BLOCK_I=BLOCK_TOKENS, BLOCK_J=BLOCK_TOKENS, BLOCK_D=metric_block(dim),
         PRECISION=dot_precision(), num_stages=metric_stages(heads))
     return out
@@ -88,7 +87,7 @@ def tokens_by_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "el
     batch, blocks, tokens = partials.shape
     energy = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
     order = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
-    block = rank_block(tokens)
+    block = row_block(tokens)
     _triton.energy_order_kernel[(batch,)](
         partials, energy if weights is None else weights, energy, order, tokens, blocks,
         HAS_WEIGHTS=weights is not None, BLOCK=block, CHUNK=32, num_warps=row_warps(block))
@@ -117,8 +116,3 @@ def energy_partials(metric: torch.Tensor, options: EnergyOptions
         KIND=ENERGY_KINDS.index(options.kind), HAS_WEIGHTS=weights is not None, HEADS=heads,
         BLOCK=SPLIT_BLOCK, BLOCK_D=metric_block(dim), PRECISION=dot_precision())
     return partials, weights
-
-
-def rank_block(length: int) -> int:
-    """Lanes of a kernel that ranks a whole row of ``length`` at once."""
-    return max(16, next_power_of_2(length))

@@ -13,14 +13,14 @@ MAX_METRIC_DIM = 256  # wider metrics (e.g. hidden states) take the PyTorch path
 # and PiToMe's energy is split by column block. Larger batches take the mean first, in
 # one pass, instead of re-reading every head.
 SMALL_BATCH = 16
+# Bytes of one row's keys over all heads the kernels may load at once: a 64-row block of
+# them must fit in shared memory (ViT-L/16 in bf16: 16 heads × 64 × 2 bytes).
+MAX_HEAD_ROW_BYTES = 2048
 
 
 def is_small_batch(batch: int) -> bool:
     """Whether kernels should take their small-batch form (see ``SMALL_BATCH``)."""
     return batch <= SMALL_BATCH
-# Bytes of one row's keys over all heads the kernels may load at once: a 64-row block of
-# them must fit in shared memory (ViT-L/16 in bf16: 16 heads × 64 × 2 bytes).
-MAX_HEAD_ROW_BYTES = 2048
 
 
 def fuses_head_mean(head_keys: torch.Tensor) -> bool:
@@ -53,6 +53,11 @@ def metric_stages(heads: int) -> int:
     """Software-pipelining stages of a metric kernel's loop. Per-head rows are loaded head by
     head, and pipelining would keep ``stages × heads`` tiles in shared memory."""
     return 1 if heads > 1 else 3
+
+
+def row_block(length: int) -> int:
+    """Lanes of a one-program-per-item kernel that holds a whole row of ``length`` at once."""
+    return max(16, next_power_of_2(length))
 
 
 def row_warps(lanes: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backend import use_triton
-from .launch import next_power_of_2, row_warps
+from .launch import row_block, row_warps
 
 MAX_LENGTH = 1024
 
@@ -24,7 +24,7 @@ def argsort_rows(values: torch.Tensor, descending: bool = False) -> torch.Tensor
 
     values = values.contiguous()
     order = torch.empty(batch, length, dtype=torch.long, device=values.device)
-    block = max(16, next_power_of_2(length))
+    block = row_block(length)
     _triton.row_ranks_kernel[(batch,)](values, order, length, DESCENDING=descending,
                                        BLOCK=block, CHUNK=32, num_warps=row_warps(block))
     return order
