@@ -280,14 +280,7 @@ def _write_plan(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr, 
         rank = members
     else:
         score = tl.load(score_ptr + item * num_a + members, mask=in_a, other=0.0)
-        rank = tl.zeros([BLOCK_A], dtype=tl.int32)
-        for start in range(0, num_a, CHUNK):
-            others = start + lanes
-            other = tl.load(score_ptr + item * num_a + others, mask=others < num_a, other=0.0)
-            ahead = (other[None, :] > score[:, None]) | (
-                (other[None, :] == score[:, None]) & (others[None, :] < members[:, None]))
-            ahead &= (others < num_a)[None, :]
-            rank += tl.sum(ahead.to(tl.int32), axis=1)
+        rank = _places(score_ptr, item, num_a, members, score, True, CHUNK)
     token_a = _set_tokens(order_ptr, item, members, in_a, tokens, a_first, a_step,
                           ORDERED) + num_prefix
     merged = in_a & (rank < merges)
