@@ -9,18 +9,24 @@ from torch import nn
 
 from ._optional import require
 
+RANDOM_WEIGHTS_SEED = 0
+
 
 def create_timm_model(name: str, checkpoint: str | Path | None = None,
                       pretrained: bool = False) -> nn.Module:
     """A timm model in eval mode, float32.
 
     Random weights unless ``checkpoint`` (a ``.safetensors`` or torch file holding a state
-    dict) or ``pretrained=True`` (downloads from the Hugging Face hub) says otherwise.
+    dict) or ``pretrained=True`` (downloads from the Hugging Face hub) says otherwise. Random
+    weights come from a fixed seed, so every process (e.g. each rank of a distributed
+    evaluation) builds the same model; the caller's random state is left as it was.
     """
     timm = require("timm", "timm")
     if checkpoint is not None and pretrained:
         raise ValueError("give either a checkpoint file or pretrained=True, not both")
-    model = timm.create_model(name, pretrained=pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = timm.create_model(name, pretrained=pretrained)
     if checkpoint is not None:
         model.load_state_dict(load_state_dict(checkpoint))
     return model.float().eval()

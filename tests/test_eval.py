@@ -157,6 +157,17 @@ def test_missing_data_is_a_clear_error(tmp_path):
         main(["eval", "text", "--data", str(tmp_path / "none.tsv"), "--model", "minilm"])
 
 
+def test_random_weights_are_the_same_in_every_process():
+    # Each rank of a distributed evaluation builds its own model: without a checkpoint they
+    # must still be one model, or the ranks' shards are scored by different networks.
+    from pitome.models import create_timm_model
+
+    state = torch.random.get_rng_state()
+    first, second = (create_timm_model(TINY_TIMM).state_dict() for _ in range(2))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's draws unchanged
+
+
 def test_two_processes_give_the_same_numbers_as_one(tmp_path):
     data = image_folder(tmp_path / "images", per_class=5)
     common = ["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--algo",
