@@ -224,6 +224,15 @@ def test_sources_by_destination_partitions_the_merged_rows():
         assert torch.equal(sources[offsets[row]:offsets[row + 1]].sort().values, expected)
 
 
+@pytest.fixture(params=["one tile", "two launches"])
+def plan_kernels(request, monkeypatch) -> str:
+    """PiToMe plans small items in one tile; ``"two launches"`` sends them through the
+    kernels that plan larger ones."""
+    if request.param == "two launches":
+        monkeypatch.setattr(launch, "TILE_TOKENS", 0)
+    return request.param
+
+
 def planned_both_ways(metric_tokens: torch.Tensor, r: int, num_prefix: int, **split):
     """The fused plan (Triton) and the PyTorch plan of ``bipartite_merge``."""
     fast, reference = both(lambda: bipartite_merge(metric_tokens, r, num_prefix, **split))
@@ -348,12 +357,13 @@ def test_small_batches_plan_on_keys_per_head(monkeypatch, algo, per_head):
     (60, 12, 24, "alternate"),    # PiToMe: |A| = r, every A token merges
     (60, 12, 60, "alternate"),    # BSM-PiToMe: the r best of 30 edges
     (61, 20, 61, "contiguous"),   # the text split
-    (576, 200, 576, "alternate"),  # ViT-L/16-384: |A| = 288
+    (128, 30, 60, "alternate"),   # the largest item of one tile
+    (576, 200, 576, "alternate"),  # ViT-L/16-384: |A| = 288, beyond one tile
 ])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_energy_plan_in_two_launches_is_the_plan_over_the_energy_order(
-        tokens, r, pooled, split, per_head, weighted):
+def test_fused_energy_plan_is_the_plan_over_the_energy_order(
+        tokens, r, pooled, split, per_head, weighted, plan_kernels):
     x = head_keys(2, tokens, 3, 16) if per_head else metric(2, tokens, 16, seed=tokens)
     weights = metric(2, tokens, 1, seed=1)[..., 0].abs().round() + 1 if weighted else None
     options = EnergyOptions(0.45, "elu", 1.0, weights)
@@ -367,6 +377,40 @@ def test_energy_plan_in_two_launches_is_the_plan_over_the_energy_order(
     assert_same_plan(fused, unfused)
     if tokens < 100:  # PyTorch's matmul rounds scores differently: 288 edges hold near-ties
         assert_same_plan(fused, reference)
+
+
+def test_one_tile_energy_plan_breaks_ties_as_the_stable_sort_does():
+    # Three distinct vectors: energies tie within each group, and so do the best edges.
+    x = metric(2, 3, 8)[:, torch.arange(50) % 3]
+    options = EnergyOptions(0.45)
+    with kernel_backend("triton"):
+        tiled = energy_bipartite_merge(x, 10, 1, options, 20)
+        order = argsort_rows(token_energy(x, *options), descending=True)
+        unfused = match_top_edges(x, order[:, 0:20:2], order[:, 1:20:2], 10, 1, order[:, 20:])
+    assert_same_plan(tiled, unfused)
+
+
+@pytest.mark.parametrize("tokens,heads,dim,tiled", [
+    (104, 6, 64, True),    # ViT-S/16 block 6
+    (128, 1, 64, True),    # the largest tile
+    (129, 1, 16, False),
+    (60, 1, 96, False),    # rows too wide for the tile
+])
+def test_energy_plans_take_one_tile_while_they_fit(monkeypatch, tokens, heads, dim, tiled):
+    from pitome.kernels import bipartite
+
+    x = head_keys(1, tokens, heads, dim) if heads > 1 else metric(1, tokens, dim)
+    launched = []
+    original = bipartite._energy_tile_plan
+    monkeypatch.setattr(bipartite, "_energy_tile_plan",
+                        lambda *args: launched.append(len(launched)) or original(*args))
+    with kernel_backend("triton"):
+        plan = energy_bipartite_merge(x, 10, 1, EnergyOptions(0.5), 20)
+    assert plan.grouped_sources is not None and len(launched) == tiled
+    monkeypatch.setattr(launch, "SMALL_BATCH", 0)  # large batches order the tokens first
+    with kernel_backend("triton"):
+        energy_bipartite_merge(x, 10, 1, EnergyOptions(0.5), 20)
+    assert len(launched) == tiled
 
 
 def groups(plan) -> list[list[tuple[int, ...]]]:

@@ -453,3 +453,114 @@ def _places(values_ptr, item, length, mine, value, DESCENDING: tl.constexpr,
         ahead &= (others < length)[None, :]
         place += tl.sum(ahead.to(tl.int32), axis=1)
     return place
+
+
+# One tile per item. While an item's tokens fit one tile (TILE_TOKENS), one program holds
+# all their similarities in registers and makes PiToMe's whole plan from them: no energy,
+# order, scores or ranks go through memory between steps, and the plan is one launch.
+
+
+@triton.jit
+def _ranks(value, member, valid):
+    """Each element's place in the stable descending sort of ``value`` over the ``valid``
+    elements: how many are larger, or equal with a smaller ``member``."""
+    ahead = (value[None, :] > value[:, None]) | (
+        (value[None, :] == value[:, None]) & (member[None, :] < member[:, None]))
+    return tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _best_in_tile(similarity, in_b, member_b):
+    """Each row's most similar column of set B and its similarity: ``best_partner_kernel``'s
+    edge (the first B member on ties) from a tile that holds the row's every B column."""
+    scores = tl.where(in_b[None, :], similarity, float("-inf"))
+    best = tl.max(scores, axis=1)
+    tied = in_b[None, :] & (scores == best[:, None])
+    partner = tl.min(tl.where(tied, member_b[None, :], 2147483647), axis=1)
+    return best, partner
+
+
+@triton.jit
+def _write_tile_plan(keep_ptr, src_ptr, dst_ptr, offsets_ptr, sources_ptr, item, batch,
+                     tokens_in, num_prefix, merges, protected, num_a, token_a, in_a, rank,
+                     partner, token_b, in_b, member_b, CHUNK: tl.constexpr):
+    """``_write_plan`` from vectors in registers, for the prefix, set A and set B (token
+    indices already ``+ num_prefix``); the caller writes the protected tokens."""
+    num_out = tokens_in - merges
+    num_kept = protected + num_a - merges
+    keep_row = keep_ptr + item * num_out
+    offset_row = offsets_ptr + item * num_out
+    first_source = item * merges
+    for start in range(0, num_prefix, CHUNK):
+        rows = start + tl.arange(0, CHUNK)
+        tl.store(keep_row + rows, rows.to(tl.int64), mask=rows < num_prefix)
+        tl.store(offset_row + rows, first_source, mask=rows < num_prefix)
+
+    merged = in_a & (rank < merges)
+    tl.store(src_ptr + first_source + rank, token_a.to(tl.int64), mask=merged)
+    tl.store(dst_ptr + first_source + rank, (num_prefix + num_kept + partner).to(tl.int64),
+             mask=merged)
+    staying = in_a & (rank >= merges)
+    stay_rows = num_prefix + protected + rank - merges
+    tl.store(keep_row + stay_rows, token_a.to(tl.int64), mask=staying)
+    tl.store(offset_row + stay_rows, first_source, mask=staying)
+
+    # Merges grouped by destination, each group in rank order.
+    key = partner * num_a + rank
+    slot = tl.sum((merged[None, :] & (key[None, :] < key[:, None])).to(tl.int32), axis=1)
+    tl.store(sources_ptr + first_source + slot, item * tokens_in + token_a, mask=merged)
+
+    # B tokens come last, each with the merges it receives.
+    earlier = merged[None, :] & (partner[None, :] < member_b[:, None])
+    received_before = tl.sum(earlier.to(tl.int32), axis=1)
+    rows_b = num_prefix + num_kept + member_b
+    tl.store(keep_row + rows_b, token_b.to(tl.int64), mask=in_b)
+    tl.store(offset_row + rows_b, first_source + received_before, mask=in_b)
+    tl.store(offsets_ptr + batch * num_out, batch * merges, mask=item == batch - 1)
+
+
+@triton.jit
+def energy_tile_plan_kernel(metric_ptr, weights_ptr, keep_ptr, src_ptr, dst_ptr, offsets_ptr,
+                            sources_ptr, batch, tokens, dim, stride_b, stride_t, stride_h,
+                            margin, alpha, sigma, pooled, num_prefix, merges, num_a, a_first,
+                            a_step, num_b, b_first, b_step, KIND: tl.constexpr,
+                            HAS_WEIGHTS: tl.constexpr, HEADS: tl.constexpr,
+                            ALL_MERGE: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """PiToMe's whole plan of one item whose tokens fit one tile, in one program: the
+    energy (``energy_kernel``), each token's place in the energy order, the best edges of
+    set A (places ``a_first + a_step·i``) into set B, and the plan."""
+    margin = tl.cast(margin, tl.float32)
+    alpha, sigma = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32)
+    item = tl.program_id(0).to(tl.int64)
+    mine = tl.arange(0, BLOCK_T)
+    valid = mine < tokens
+    unit = _unit_rows(metric_ptr + item * stride_b, mine, valid, dim, stride_t, stride_h,
+                      tl.arange(0, BLOCK_D), HEADS)
+    similarity = tl.dot(unit, tl.trans(unit), input_precision=PRECISION)
+    weight = _column_weights(weights_ptr, item, tokens, mine, valid, HAS_WEIGHTS)
+    energy = _energy_sums(similarity, weight, margin, alpha, sigma, KIND) / tl.sum(weight, axis=0)
+    place = _ranks(energy, mine, valid)
+
+    from_a = tl.maximum(place - a_first, 0)
+    member_a = from_a // a_step
+    in_a = valid & (place >= a_first) & (from_a % a_step == 0) & (member_a < num_a)
+    from_b = tl.maximum(place - b_first, 0)
+    member_b = from_b // b_step
+    in_b = valid & (place >= b_first) & (from_b % b_step == 0) & (member_b < num_b)
+    best, partner = _best_in_tile(similarity, in_b, member_b)
+    rank = member_a if ALL_MERGE else _ranks(best, member_a, in_a)
+
+    # Protected tokens (places from ``pooled`` on) pass in energy order after the prefix.
+    protected = tokens - pooled
+    rows = num_prefix + place - pooled
+    shielded = valid & (place >= pooled)
+    tl.store(keep_ptr + item * (num_prefix + tokens - merges) + rows,
+             (mine + num_prefix).to(tl.int64), mask=shielded)
+    tl.store(offsets_ptr + item * (num_prefix + tokens - merges) + rows, item * merges,
+             mask=shielded)
+    _write_tile_plan(keep_ptr, src_ptr, dst_ptr, offsets_ptr, sources_ptr, item, batch,
+                     num_prefix + tokens, num_prefix, merges, protected, num_a,
+                     mine + num_prefix, in_a, rank, partner, mine + num_prefix, in_b, member_b,
+                     CHUNK)

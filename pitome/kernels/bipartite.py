@@ -1,13 +1,14 @@
-"""A whole bipartite-matching merge plan in two launches.
+"""A whole bipartite-matching merge plan in one or two launches.
 
 Planned with PyTorch, one block's ToMe or PiToMe plan is some twenty small operations:
 index arithmetic, gathers, a sort of the edges, concatenations, and a sort of the
 destinations to group the merges for the merge kernel. On a GPU each costs a launch and a
 few microseconds however little it computes, which is most of a block's time at small
 batches. Here one kernel finds every A token's best edge and a second writes the plan,
-already grouped by destination, one program per item. PiToMe's plan at small batches also
-takes two: the energy in tiles, then one program per item that orders the tokens by it,
-finds the best edges and writes the plan.
+already grouped by destination, one program per item. PiToMe's plan at small batches
+takes one launch where an item's tokens fit one tile (one program holds all their
+similarities), else two: the energy in tiles, then one program per item that orders the
+tokens by it, finds the best edges and writes the plan.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch
 
 from ..core.plan import MergePlan
 from .backend import use_triton
-from .energy import EnergyOptions, energy_partials
+from .energy import ENERGY_KINDS, EnergyOptions, energy_partials
 from .launch import (
     MAX_METRIC_DIM,
+    TILE_WARPS,
     dot_precision,
+    fits_one_tile,
     is_small_batch,
     metric_block,
     metric_rows,
@@ -72,10 +75,11 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
         LOOKUP=ordered, HEADS=heads, BLOCK_A=block, BLOCK_B=block,
         BLOCK_D=metric_block(dim), PRECISION=dot_precision(), num_stages=metric_stages(heads))
 
-    plan, buffers = _plan_outputs(batch, tokens, num_prefix, r, num_a, device)
+    plan, outputs = _plan_outputs(batch, tokens, num_prefix, r, device)
+    rank = _rank_scratch(batch, num_a, device)
     block_a = row_block(num_a)
     _triton.bipartite_plan_kernel[(batch,)](
-        score, partner, order, *buffers, batch, tokens, pooled, num_prefix, r, num_a,
+        score, partner, order, rank, *outputs, batch, tokens, pooled, num_prefix, r, num_a,
         set_a[0], set_a[1], num_b, set_b[0], set_b[1], ORDERED=ordered, ALL_MERGE=r == num_a,
         BLOCK_A=block_a, CHUNK=CHUNK, num_warps=row_warps(block_a))
     return plan
@@ -85,7 +89,8 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
                           set_a: tuple[int, int, int], set_b: tuple[int, int, int], r: int,
                           num_prefix: int) -> MergePlan | None:
     """:func:`bipartite_plan` over the tokens listed by energy, highest first (PiToMe), for
-    small batches in two launches: the energy's partial sums
+    small batches: in one launch where an item's tokens fit one tile (see
+    ``launch.TILE_TOKENS``), else in two: the energy's partial sums
     (:func:`pitome.kernels.energy.energy_partials`), then one program per item that sums
     them, orders the tokens, finds set A's best edges and writes the plan. Returns None
     where it does not apply; the caller then orders the tokens and calls
@@ -94,6 +99,9 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     num_a, num_b = set_a[2], set_b[2]
     if num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a:
         return None
+    if (fits_one_tile(batch, tokens, dim) and energy.kind in ENERGY_KINDS
+            and use_triton(metric)):
+        return _energy_tile_plan(metric, energy, pooled, set_a, set_b, r, num_prefix)
     metric, heads, stride_h = metric_rows(metric)
     split = energy_partials(metric, energy)
     if split is None:
@@ -106,11 +114,12 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     order = torch.empty(batch, tokens, dtype=torch.long, device=device)
     score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
     partner = torch.empty(batch, num_a, dtype=torch.long, device=device)
-    plan, buffers = _plan_outputs(batch, tokens, num_prefix, r, num_a, device)
+    plan, outputs = _plan_outputs(batch, tokens, num_prefix, r, device)
+    rank = _rank_scratch(batch, num_a, device)
     block_t, block_a = row_block(tokens), row_block(num_a)
     _triton.energy_plan_kernel[(batch,)](
         metric, partials, energy_out if weights is None else weights, energy_out, order, score,
-        partner, *buffers, batch, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
+        partner, rank, *outputs, batch, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
         partials.shape[1], pooled, num_prefix, r, num_a, set_a[0], set_a[1], num_b, set_b[0],
         set_b[1], HAS_WEIGHTS=weights is not None, HEADS=heads, ALL_MERGE=r == num_a,
         BLOCK_T=block_t, BLOCK_A=block_a, BLOCK_EDGES=SMALL_BLOCK_TOKENS,
@@ -119,16 +128,42 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     return plan
 
 
-def _plan_outputs(batch: int, tokens: int, num_prefix: int, r: int, num_a: int,
+def _energy_tile_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: int,
+                      set_a: tuple[int, int, int], set_b: tuple[int, int, int], r: int,
+                      num_prefix: int) -> MergePlan:
+    """:func:`energy_bipartite_plan` for items whose tokens fit one tile, in one launch."""
+    from . import _triton
+
+    metric, heads, stride_h = metric_rows(metric)
+    batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
+    plan, outputs = _plan_outputs(batch, tokens, num_prefix, r, metric.device)
+    weights = None if energy.weights is None else energy.weights.float().contiguous()
+    block = row_block(tokens)
+    _triton.energy_tile_plan_kernel[(batch,)](
+        metric, plan.keep if weights is None else weights, *outputs, batch, tokens, dim,
+        metric.stride(0), metric.stride(1), stride_h, float(energy.margin),
+        float(energy.alpha), max(1.0 - float(energy.margin), 1e-3), pooled, num_prefix, r,
+        set_a[2], set_a[0], set_a[1], set_b[2], set_b[0], set_b[1],
+        KIND=ENERGY_KINDS.index(energy.kind), HAS_WEIGHTS=weights is not None, HEADS=heads,
+        ALL_MERGE=r == set_a[2], BLOCK_T=block, BLOCK_D=metric_block(dim), CHUNK=CHUNK,
+        PRECISION=dot_precision(), num_warps=TILE_WARPS)
+    return plan
+
+
+def _plan_outputs(batch: int, tokens: int, num_prefix: int, r: int,
                   device: torch.device) -> tuple[MergePlan, tuple[torch.Tensor, ...]]:
-    """The plan the plan kernels write, and their output arguments in order (rank scratch,
-    keep, src, dst, offsets and sources of the merges grouped by destination)."""
+    """The plan the plan kernels write, and their output arguments in order (keep, src,
+    dst, offsets and sources of the merges grouped by destination)."""
     num_out = num_prefix + tokens - r
     keep = torch.empty(batch, num_out, dtype=torch.long, device=device)
     src = torch.empty(batch, r, dtype=torch.long, device=device)
     dst = torch.empty(batch, r, dtype=torch.long, device=device)
     offsets = torch.empty(batch * num_out + 1, dtype=torch.long, device=device)
     sources = torch.empty(batch * r, dtype=torch.long, device=device)
-    rank = torch.empty(batch, num_a, dtype=torch.int32, device=device)
     plan = MergePlan(keep=keep, src=src, dst=dst, grouped_sources=(offsets, sources))
-    return plan, (rank, keep, src, dst, offsets, sources)
+    return plan, (keep, src, dst, offsets, sources)
+
+
+def _rank_scratch(batch: int, num_a: int, device: torch.device) -> torch.Tensor:
+    """Where the two-launch plan kernels keep each A token's edge rank."""
+    return torch.empty(batch, num_a, dtype=torch.int32, device=device)

@@ -16,11 +16,27 @@ SMALL_BATCH = 16
 # Bytes of one row's keys over all heads the kernels may load at once: a 64-row block of
 # them must fit in shared memory (ViT-L/16 in bf16: 16 heads × 64 × 2 bytes).
 MAX_HEAD_ROW_BYTES = 2048
+# Up to SMALL_BATCH items, PiToMe plans an item of up to TILE_TOKENS tokens, over metric
+# rows up to TILE_DIM wide, in one program that keeps their TILE_TOKENS × TILE_TOKENS
+# similarities in registers (``_triton.energy_tile_plan_kernel``). Wider rows do not fit
+# an H200's shared memory at 128 tokens.
+TILE_TOKENS = 128
+TILE_DIM = 64
+# Warps of a one-tile plan, at every tile size: with fewer, a thread holds too many heads'
+# rows to have their loads in flight at once (H200, batch 1, 12 heads: 4 warps 12-23 µs
+# a plan, 8 warps 11.7-12.2, 16 warps 15.5).
+TILE_WARPS = 8
 
 
 def is_small_batch(batch: int) -> bool:
     """Whether kernels should take their small-batch form (see ``SMALL_BATCH``)."""
     return batch <= SMALL_BATCH
+
+
+def fits_one_tile(batch: int, tokens: int, dim: int) -> bool:
+    """Whether a plan over ``tokens`` metric rows ``dim`` wide should be made in one tile
+    per item (see ``TILE_TOKENS``)."""
+    return is_small_batch(batch) and tokens <= TILE_TOKENS and dim <= TILE_DIM
 
 
 def fuses_head_mean(head_keys: torch.Tensor) -> bool:
