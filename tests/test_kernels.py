@@ -379,6 +379,17 @@ def test_fused_energy_plan_is_the_plan_over_the_energy_order(
         assert_same_plan(fused, reference)
 
 
+@pytest.mark.parametrize("kind,margin,alpha", [("gaussian", 0.3, 1.0), ("elu", 0.0, 0.5)])
+def test_one_tile_energy_plan_takes_every_energy_option(kind, margin, alpha, monkeypatch):
+    x = head_keys(2, 90, 4, 16)
+    options = EnergyOptions(margin, kind, alpha)
+    with kernel_backend("triton"):
+        tiled = energy_bipartite_merge(x, 18, 1, options, 36)
+        monkeypatch.setattr(launch, "TILE_TOKENS", 0)
+        split = energy_bipartite_merge(x, 18, 1, options, 36)
+    assert_same_plan(tiled, split)
+
+
 def test_one_tile_energy_plan_breaks_ties_as_the_stable_sort_does():
     # Three distinct vectors: energies tie within each group, and so do the best edges.
     x = metric(2, 3, 8)[:, torch.arange(50) % 3]
