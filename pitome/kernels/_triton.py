@@ -283,13 +283,8 @@ def _write_plan(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr, 
         rank = _places(score_ptr, item, num_a, members, score, True, CHUNK)
     token_a = _set_tokens(order_ptr, item, members, in_a, tokens, a_first, a_step,
                           ORDERED) + num_prefix
-    merged = in_a & (rank < merges)
-    tl.store(src_ptr + first_source + rank, token_a, mask=merged)
-    tl.store(dst_ptr + first_source + rank, num_prefix + num_kept + partner, mask=merged)
-    staying = in_a & (rank >= merges)
-    stay_rows = num_prefix + protected + rank - merges
-    tl.store(keep_row + stay_rows, token_a, mask=staying)
-    tl.store(offset_row + stay_rows, first_source, mask=staying)
+    merged = _store_set_a(src_ptr, dst_ptr, keep_row, offset_row, first_source, num_prefix,
+                          protected, num_kept, merges, token_a, in_a, rank, partner)
     tl.store(rank_ptr + item * num_a + members, rank, mask=in_a)
     tl.debug_barrier()  # every rank is in memory before any is read back
 
@@ -324,6 +319,23 @@ def _write_plan(score_ptr, partner_ptr, order_ptr, rank_ptr, keep_ptr, src_ptr, 
         tl.store(keep_row + rows, token_b, mask=in_b)
         tl.store(offset_row + rows, first_source + received_before, mask=in_b)
     tl.store(offsets_ptr + batch * num_out, batch * merges, mask=item == batch - 1)
+
+
+@triton.jit
+def _store_set_a(src_ptr, dst_ptr, keep_row, offset_row, first_source, num_prefix, protected,
+                 num_kept, merges, token_a, in_a, rank, partner):
+    """Set A's part of a plan: the A tokens whose edge ranks below ``merges`` merge (``src``
+    and ``dst`` by rank), the others stay, after the protected tokens, with nothing merged
+    into them. Returns which merge."""
+    merged = in_a & (rank < merges)
+    tl.store(src_ptr + first_source + rank, token_a.to(tl.int64), mask=merged)
+    tl.store(dst_ptr + first_source + rank, (num_prefix + num_kept + partner).to(tl.int64),
+             mask=merged)
+    staying = in_a & (rank >= merges)
+    stay_rows = num_prefix + protected + rank - merges
+    tl.store(keep_row + stay_rows, token_a.to(tl.int64), mask=staying)
+    tl.store(offset_row + stay_rows, first_source, mask=staying)
+    return merged
 
 
 @triton.jit
@@ -496,14 +508,8 @@ def _write_tile_plan(keep_ptr, src_ptr, dst_ptr, offsets_ptr, sources_ptr, item,
         tl.store(keep_row + rows, rows.to(tl.int64), mask=rows < num_prefix)
         tl.store(offset_row + rows, first_source, mask=rows < num_prefix)
 
-    merged = in_a & (rank < merges)
-    tl.store(src_ptr + first_source + rank, token_a.to(tl.int64), mask=merged)
-    tl.store(dst_ptr + first_source + rank, (num_prefix + num_kept + partner).to(tl.int64),
-             mask=merged)
-    staying = in_a & (rank >= merges)
-    stay_rows = num_prefix + protected + rank - merges
-    tl.store(keep_row + stay_rows, token_a.to(tl.int64), mask=staying)
-    tl.store(offset_row + stay_rows, first_source, mask=staying)
+    merged = _store_set_a(src_ptr, dst_ptr, keep_row, offset_row, first_source, num_prefix,
+                          protected, num_kept, merges, token_a, in_a, rank, partner)
 
     # Merges grouped by destination, each group in rank order.
     key = partner * num_a + rank
