@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 import torch
 
-from pitome.bench import BASELINE, ORACLE, benchmark, pick_device, pick_dtype
+from pitome.bench import BASELINE, ORACLE, benchmark, host_bound_note, pick_device, pick_dtype
 from pitome.models import create_timm_model
 
 GPU_GRID = [  # (model, batch, ratio)
@@ -88,7 +88,8 @@ def main() -> None:
     if args.modes:
         modes = [mode for mode in modes if mode[0] in args.modes]
     print("| model | batch | ratio | mode | algo | tokens out | img/s | vs unpatched | vs oracle "
-          "| peak MiB |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "| peak MiB | host ms |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    host_bound = False
     for (name, batch, ratio), (mode, graphed, compiled) in itertools.product(grid, modes):
         model = create_timm_model(name)
         rows = benchmark(model, [BASELINE, ORACLE, *args.algos], ratio, batch, device, dtype,
@@ -99,14 +100,18 @@ def main() -> None:
         oracle = rows[1].images_per_s
         for row in rows:
             memory = "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}"
+            host = "-" if row.host_ms is None else f"{row.host_ms:.2f}" + "*" * row.host_bound
+            host_bound |= row.host_bound
             print(f"| {name} | {batch} | {row.ratio:g} | {mode} | {row.algo} | {row.tokens_out} "
                   f"| {row.images_per_s:.1f} | {row.speedup:.2f}x | "
-                  f"{row.images_per_s / oracle:.2f} | {memory} |", flush=True)
+                  f"{row.images_per_s / oracle:.2f} | {memory} | {host} |", flush=True)
             results.append({"model": name, "batch": batch, "mode": mode, **asdict(row),
                             "of_oracle": row.images_per_s / oracle})
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if host_bound:
+        print(host_bound_note(cuda_graph=args.cuda_graph), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"environment": env, "dtype": str(dtype), "rows": results}, handle,

@@ -18,11 +18,16 @@ from .cuda_graph import CudaGraphForward
 
 BASELINE = "none"
 ORACLE = "oracle"
+# A row whose host needs this much of the forward's time to launch it measures the host:
+# the GPU waits for kernels rather than running them (eager mode at small batches).
+HOST_BOUND = 0.8
 
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One method's result. ``speedup`` is throughput relative to the unmerged model."""
+    """One method's result. ``speedup`` is throughput relative to the unmerged model;
+    ``forward_ms`` is one forward of the whole batch, and ``host_ms`` how long the host
+    takes to launch it on a GPU (None elsewhere)."""
 
     algo: str
     ratio: float
@@ -31,10 +36,17 @@ class BenchRow:
     merge_gflops: float
     images_per_s: float
     speedup: float
+    forward_ms: float
     peak_memory_mib: float | None = None
+    host_ms: float | None = None
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
+
+    @property
+    def host_bound(self) -> bool:
+        """Whether launching the forward took most of its time (see ``HOST_BOUND``)."""
+        return self.host_ms is not None and self.host_ms >= HOST_BOUND * self.forward_ms
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,21 @@ def time_forward(run: Callable[[], object], device: torch.device, warmup: int,
             begin = time.perf_counter()
             run()
             times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def launch_time(run: Callable[[], object], device: torch.device, repeats: int) -> float | None:
+    """Median seconds the host takes to return from ``run`` on a GPU, each call started on
+    an idle device so that none waits for room in the launch queue; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    torch.cuda.synchronize(device)
     return statistics.median(times)
 
 
@@ -139,6 +166,7 @@ class _Variant:
     run: Callable[[], None]
     peak_memory_mib: float | None
     seconds: list[float]
+    host_seconds: float | None = None
 
 
 def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
@@ -160,7 +188,8 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
     round, so that a drift of the GPU's clock over the run lands on every variant alike
     (eager variants share the one model, so each is timed while it is patched in). Peak
     memory is the weights and inputs plus what the variant itself allocates at its peak,
-    capture included.
+    capture included. On a GPU each row also holds the host's time to launch one forward,
+    measured after the timing.
     """
     model = model.to(device=device, dtype=dtype).eval()
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -202,12 +231,17 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
                 forward = CudaGraphForward(forward, images)
             run = _inference(forward, images)
             run()
-        seconds = [] if cuda_graph else [timed(run) for _ in range(rounds)]
-        variants.append(_Variant(algo, counts, merge_macs, run, peak.mib, seconds))
+        variant = _Variant(algo, counts, merge_macs, run, peak.mib, seconds=[])
+        if not cuda_graph:  # eager variants share the model: measured while patched in
+            variant.seconds = [timed(run) for _ in range(rounds)]
+            variant.host_seconds = launch_time(run, device, repeats)
+        variants.append(variant)
     if cuda_graph:
         for _ in range(rounds):
             for variant in variants:
                 variant.seconds.append(timed(variant.run))
+        for variant in variants:
+            variant.host_seconds = launch_time(variant.run, device, repeats)
     unpatch(model)
 
     rows: list[BenchRow] = []
@@ -219,7 +253,9 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
             tokens_out=variant.counts[-1],
             gflops=vit_macs(shape, variant.counts, num_patches) / 1e9,
             merge_gflops=variant.merge_macs / 1e9, images_per_s=batch / seconds,
-            speedup=batch / seconds / reference, peak_memory_mib=variant.peak_memory_mib))
+            speedup=batch / seconds / reference, forward_ms=seconds * 1e3,
+            peak_memory_mib=variant.peak_memory_mib,
+            host_ms=None if variant.host_seconds is None else variant.host_seconds * 1e3))
     return rows
 
 
@@ -241,6 +277,11 @@ def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
         header += ("peak MiB",)
         for line, row in zip(lines, rows):
             line.append(f"{row.peak_memory_mib:.0f}")
+    if all(row.host_ms is not None for row in rows):
+        header += ("ms/forward", "host ms")
+        for line, row in zip(lines, rows):
+            starred = "*" if row.host_bound else ""
+            line += [f"{row.forward_ms:.2f}", f"{row.host_ms:.2f}{starred}"]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
 
     def render(cells: Sequence[str]) -> str:
@@ -251,4 +292,14 @@ def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
     title = (f"{setup.model} ({setup.weights}) on {setup.device}, {setup.dtype}, "
              f"batch {setup.batch}{graph}; GFLOPs are multiply-accumulates per image")
     rule = "-" * len(render(header))
-    return "\n".join([title, render(header), rule, *map(render, lines)])
+    table = [title, render(header), rule, *map(render, lines)]
+    if any(row.host_bound for row in rows):
+        table.append(host_bound_note(setup.cuda_graph))
+    return "\n".join(table)
+
+
+def host_bound_note(cuda_graph: bool) -> str:
+    """What a starred host time means, and what to do about it."""
+    note = ("* host-bound: launching the forward's kernels took most of its time, so the "
+            "row measures the host, not the GPU")
+    return note + ("." if cuda_graph else "; --cuda-graph replays it without the host.")

@@ -42,6 +42,35 @@ def test_bench_json(capsys):
     assert report["setup"]["weights"] == "random weights"
 
 
+def bench_row(algo: str, images_per_s: float, host_ms: float | None):
+    from pitome.bench import BenchRow
+
+    return BenchRow(algo=algo, ratio=0.9, tokens_out=60, gflops=1.0, merge_gflops=0.0,
+                    images_per_s=images_per_s, speedup=1.0, forward_ms=1e3 / images_per_s,
+                    host_ms=host_ms)
+
+
+def test_bench_table_stars_rows_the_host_bounds():
+    from pitome.bench import BenchSetup, format_table
+
+    setup = BenchSetup(model="m", device="cuda", dtype="bfloat16", batch=1, weights="random")
+    gpu_bound, host_bound = bench_row("none", 1000.0, 0.3), bench_row("tome", 500.0, 1.9)
+    assert not gpu_bound.host_bound and host_bound.host_bound
+    lines = format_table([gpu_bound, host_bound], setup).splitlines()
+    assert lines[1].endswith("ms/forward  host ms")
+    assert lines[3].split()[-2:] == ["1.00", "0.30"]
+    assert lines[4].split()[-2:] == ["2.00", "1.90*"]
+    assert lines[-1].startswith("* host-bound") and "--cuda-graph" in lines[-1]
+    on_cpu = format_table([bench_row("none", 1000.0, None)], setup)
+    assert "host ms" not in on_cpu and "host-bound" not in on_cpu
+
+
+def test_launch_time_is_for_gpus():
+    from pitome.bench import launch_time
+
+    assert launch_time(lambda: None, torch.device("cpu"), 3) is None
+
+
 def test_bench_rejects_unknown_algorithms():
     with pytest.raises(SystemExit, match="unknown algorithm"):
         main(["bench", "--model", TINY_MODEL, "--algos", "none,nope"])

@@ -125,3 +125,4 @@ def test_benchmarked_graphs_take_turns_and_peak_memory_is_their_own(monkeypatch)
     assert timed[0] is not timed[1]
     unpatched, merged = (row.peak_memory_mib for row in rows)
     assert merged <= unpatched + 1.0  # the unpatched graph, still held, is not counted
+    assert all(row.host_ms is not None and row.host_ms > 0 for row in rows)
