@@ -457,14 +457,21 @@ def _places(values_ptr, item, length, mine, value, DESCENDING: tl.constexpr,
     for start in range(0, length, CHUNK):
         others = start + tl.arange(0, CHUNK)
         other = tl.load(values_ptr + item * length + others, mask=others < length, other=0)
-        if DESCENDING:
-            ahead = other[None, :] > value[:, None]
-        else:
-            ahead = other[None, :] < value[:, None]
-        ahead |= (other[None, :] == value[:, None]) & (others[None, :] < mine[:, None])
-        ahead &= (others < length)[None, :]
-        place += tl.sum(ahead.to(tl.int32), axis=1)
+        place += _count_before(value, mine, other, others, others < length, DESCENDING)
     return place
+
+
+@triton.jit
+def _count_before(value, member, other, other_member, other_valid, DESCENDING: tl.constexpr):
+    """For each ``value``: how many valid ``other`` elements come before it in a stable
+    sort (larger, or smaller when ascending; or equal with a smaller member index)."""
+    if DESCENDING:
+        ahead = other[None, :] > value[:, None]
+    else:
+        ahead = other[None, :] < value[:, None]
+    ahead |= (other[None, :] == value[:, None]) & (other_member[None, :] < member[:, None])
+    ahead &= other_valid[None, :]
+    return tl.sum(ahead.to(tl.int32), axis=1)
 
 
 # One tile per item. While an item's tokens fit one tile (TILE_TOKENS), one program holds
@@ -475,10 +482,8 @@ def _places(values_ptr, item, length, mine, value, DESCENDING: tl.constexpr,
 @triton.jit
 def _ranks(value, member, valid):
     """Each element's place in the stable descending sort of ``value`` over the ``valid``
-    elements: how many are larger, or equal with a smaller ``member``."""
-    ahead = (value[None, :] > value[:, None]) | (
-        (value[None, :] == value[:, None]) & (member[None, :] < member[:, None]))
-    return tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
+    elements, all held in registers."""
+    return _count_before(value, member, value, member, valid, True)
 
 
 @triton.jit
@@ -494,33 +499,41 @@ def _best_in_tile(similarity, in_b, member_b):
 
 @triton.jit
 def _write_tile_plan(keep_ptr, src_ptr, dst_ptr, offsets_ptr, sources_ptr, item, batch,
-                     tokens_in, num_prefix, merges, protected, num_a, token_a, in_a, rank,
-                     partner, token_b, in_b, member_b, CHUNK: tl.constexpr):
-    """``_write_plan`` from vectors in registers, for the prefix, set A and set B (token
-    indices already ``+ num_prefix``); the caller writes the protected tokens."""
+                     tokens, num_prefix, merges, pooled, num_a, token, place, valid, in_a,
+                     rank, partner, in_b, member_b, CHUNK: tl.constexpr):
+    """``_write_plan`` from vectors in registers, one lane per token: its index
+    (``+ num_prefix``) and its ``place`` in the energy order."""
+    tokens_in = num_prefix + tokens
     num_out = tokens_in - merges
+    protected = tokens - pooled
     num_kept = protected + num_a - merges
     keep_row = keep_ptr + item * num_out
     offset_row = offsets_ptr + item * num_out
     first_source = item * merges
+
+    # Prefix tokens, then the protected ones (places from ``pooled`` on, in energy order),
+    # pass in place with nothing merged into them.
     for start in range(0, num_prefix, CHUNK):
         rows = start + tl.arange(0, CHUNK)
         tl.store(keep_row + rows, rows.to(tl.int64), mask=rows < num_prefix)
         tl.store(offset_row + rows, first_source, mask=rows < num_prefix)
+    shielded = valid & (place >= pooled)
+    tl.store(keep_row + num_prefix + place - pooled, token.to(tl.int64), mask=shielded)
+    tl.store(offset_row + num_prefix + place - pooled, first_source, mask=shielded)
 
     merged = _store_set_a(src_ptr, dst_ptr, keep_row, offset_row, first_source, num_prefix,
-                          protected, num_kept, merges, token_a, in_a, rank, partner)
+                          protected, num_kept, merges, token, in_a, rank, partner)
 
     # Merges grouped by destination, each group in rank order.
     key = partner * num_a + rank
     slot = tl.sum((merged[None, :] & (key[None, :] < key[:, None])).to(tl.int32), axis=1)
-    tl.store(sources_ptr + first_source + slot, item * tokens_in + token_a, mask=merged)
+    tl.store(sources_ptr + first_source + slot, item * tokens_in + token, mask=merged)
 
     # B tokens come last, each with the merges it receives.
     earlier = merged[None, :] & (partner[None, :] < member_b[:, None])
     received_before = tl.sum(earlier.to(tl.int32), axis=1)
     rows_b = num_prefix + num_kept + member_b
-    tl.store(keep_row + rows_b, token_b.to(tl.int64), mask=in_b)
+    tl.store(keep_row + rows_b, token.to(tl.int64), mask=in_b)
     tl.store(offset_row + rows_b, first_source + received_before, mask=in_b)
     tl.store(offsets_ptr + batch * num_out, batch * merges, mask=item == batch - 1)
 
@@ -558,15 +571,6 @@ def energy_tile_plan_kernel(metric_ptr, weights_ptr, keep_ptr, src_ptr, dst_ptr,
     best, partner = _best_in_tile(similarity, in_b, member_b)
     rank = member_a if ALL_MERGE else _ranks(best, member_a, in_a)
 
-    # Protected tokens (places from ``pooled`` on) pass in energy order after the prefix.
-    protected = tokens - pooled
-    rows = num_prefix + place - pooled
-    shielded = valid & (place >= pooled)
-    tl.store(keep_ptr + item * (num_prefix + tokens - merges) + rows,
-             (mine + num_prefix).to(tl.int64), mask=shielded)
-    tl.store(offsets_ptr + item * (num_prefix + tokens - merges) + rows, item * merges,
-             mask=shielded)
-    _write_tile_plan(keep_ptr, src_ptr, dst_ptr, offsets_ptr, sources_ptr, item, batch,
-                     num_prefix + tokens, num_prefix, merges, protected, num_a,
-                     mine + num_prefix, in_a, rank, partner, mine + num_prefix, in_b, member_b,
-                     CHUNK)
+    _write_tile_plan(keep_ptr, src_ptr, dst_ptr, offsets_ptr, sources_ptr, item, batch, tokens,
+                     num_prefix, merges, pooled, num_a, mine + num_prefix, place, valid, in_a,
+                     rank, partner, in_b, member_b, CHUNK)
