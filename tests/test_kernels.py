@@ -390,6 +390,26 @@ def test_one_tile_energy_plan_takes_every_energy_option(kind, margin, alpha, mon
     assert_same_plan(tiled, split)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [1, 12])
+def test_one_tile_energy_plan_of_16_bit_keys_is_the_torch_plan(dtype, heads, monkeypatch):
+    # 16-bit rows are multiplied as they are (exact products) and divided by their norms after.
+    x = head_keys(2, 104, heads, 64, dtype) if heads > 1 else metric(2, 104, 64, dtype=dtype)
+    options = EnergyOptions(0.5)
+    with kernel_backend("triton"):
+        tiled = energy_bipartite_merge(x, 20, 1, options, 40)
+        energy = token_energy(x, *options)
+        monkeypatch.setattr(launch, "TILE_TOKENS", 0)
+        split = energy_bipartite_merge(x, 20, 1, options, 40)
+    with kernel_backend("torch"):
+        reference_energy = token_energy(x, *options)
+        order = argsort_rows(reference_energy, descending=True)
+        reference = bipartite_merge(x, 20, 1, order, 40)
+    torch.testing.assert_close(energy, reference_energy, atol=2e-6, rtol=1e-5)
+    assert_same_plan(tiled, split)
+    assert_same_plan(tiled, reference)
+
+
 def test_one_tile_energy_plan_breaks_ties_as_the_stable_sort_does():
     # Three distinct vectors: energies tie within each group, and so do the best edges.
     x = metric(2, 3, 8)[:, torch.arange(50) % 3]

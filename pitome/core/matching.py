@@ -64,9 +64,9 @@ def energy_bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
                            split: Split = "alternate") -> MergePlan:
     """:func:`bipartite_merge` over the tokens listed by energy, highest first (PiToMe).
 
-    At small batches on a GPU the whole plan takes two launches
-    (:func:`pitome.kernels.bipartite.energy_bipartite_plan`); elsewhere the tokens are
-    ordered by :func:`pitome.kernels.energy.tokens_by_energy` first.
+    At small batches on a GPU the whole plan takes one launch, or two where an item's tokens
+    outgrow one tile (:func:`pitome.kernels.bipartite.energy_bipartite_plan`); elsewhere the
+    tokens are ordered by :func:`pitome.kernels.energy.tokens_by_energy` first.
     """
     set_a, set_b = split_pool(pooled, split)
     plan = energy_bipartite_plan(metric, energy, pooled, set_a, set_b, r, num_prefix)

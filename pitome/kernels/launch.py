@@ -26,6 +26,10 @@ TILE_DIM = 64
 # rows to have their loads in flight at once (H200, batch 1, 12 heads: 4 warps 12-23 µs
 # a plan, 8 warps 11.7-12.2, 16 warps 15.5).
 TILE_WARPS = 8
+# Heads of a one-tile plan's keys loaded ahead through shared memory (``cp.async``) while
+# earlier ones are summed. Loaded into registers instead, 12 or 16 heads' rows spill (H200,
+# batch 1, 104 tokens, 12 heads: 13.3 µs a plan unpipelined, 10.7 with 3 stages).
+TILE_HEAD_STAGES = 3
 
 
 def is_small_batch(batch: int) -> bool:
