@@ -18,6 +18,15 @@ def _rounded_like(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _unit_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS: tl.constexpr,
+               HEAD_STAGES: tl.constexpr):
+    """Rows ``rows`` of a ``T×d`` metric at ``base`` in float32 (see :func:`_metric_rows`),
+    scaled to unit length (``F.normalize``: divided by ``max(‖x‖, 1e-12)``)."""
+    x = _metric_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS, HEAD_STAGES)
+    return x / _norms(x)[:, None]
+
+
+@triton.jit
 def _metric_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS: tl.constexpr,
                  HEAD_STAGES: tl.constexpr):
     """Rows ``rows`` of a ``T×d`` metric at ``base`` in float32; invalid rows and columns are
@@ -48,22 +57,24 @@ def _norms(x):
 
 
 @triton.jit
-def _cosines(x_i, x_j, dtype: tl.constexpr, PRECISION: tl.constexpr):
-    """The cosine similarity of every row of ``x_i`` with every row of ``x_j`` (float32
-    holding values of ``dtype``). Rows of a 16-bit dtype are multiplied as they are, in one
-    pass on tensor cores (each product of two is exact in float32, the sums are float32),
-    and the sums divided by both norms after; float32 rows are scaled to unit length first
-    and multiplied in ``PRECISION``. ``"ieee"`` (Triton's interpreter, which has no bfloat16
-    ``dot``) multiplies 16-bit rows in float32, exactly too."""
-    norms_i, norms_j = _norms(x_i), _norms(x_j)
+def _cosine_tile(x, dtype: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The cosine similarity of every two rows of ``x`` (float32 holding values of
+    ``dtype``). Rows of a 16-bit dtype are multiplied as they are, in one pass on tensor
+    cores (each product of two is exact in float32, the sums are float32), and the sums
+    divided by both norms after; float32 rows are scaled to unit length first and multiplied
+    in ``PRECISION``. ``UPCAST`` multiplies 16-bit rows in float32, for Triton's
+    interpreter, which has no bfloat16 ``dot``."""
+    norms = _norms(x)
     if dtype == tl.float32:
-        return tl.dot(x_i / norms_i[:, None], tl.trans(x_j / norms_j[:, None]),
-                      input_precision=PRECISION)
-    if PRECISION == "ieee":
-        sums = tl.dot(x_i, tl.trans(x_j), input_precision=PRECISION)
+        unit = x / norms[:, None]
+        return tl.dot(unit, tl.trans(unit), input_precision=PRECISION)
+    if UPCAST:
+        sums = tl.dot(x, tl.trans(x), input_precision=PRECISION)
     else:
-        sums = tl.dot(x_i.to(dtype), tl.trans(x_j.to(dtype)))
-    return sums * (1.0 / norms_i)[:, None] * (1.0 / norms_j)[None, :]
+        rows = x.to(dtype)
+        sums = tl.dot(rows, tl.trans(rows))
+    inverse = 1.0 / norms
+    return sums * inverse[:, None] * inverse[None, :]
 
 
 @triton.jit
@@ -81,14 +92,14 @@ def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, strid
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
-    x_i = _metric_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS, 1)
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS, 1)
     total = tl.zeros([BLOCK_I], dtype=tl.float32)
     weight_sum = tl.zeros([BLOCK_J], dtype=tl.float32)
     for start in range(0, tokens, BLOCK_J):
         others = start + tl.arange(0, BLOCK_J)
         valid = others < tokens
-        x_j = _metric_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS, 1)
-        similarity = _cosines(x_i, x_j, base.dtype.element_ty, PRECISION)
+        unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS, 1)
+        similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
         weight = _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS)
         total += _energy_sums(similarity, weight, margin, alpha, sigma, KIND)
         weight_sum += weight
@@ -135,9 +146,9 @@ def energy_partials_kernel(metric_ptr, weights_ptr, partials_ptr, tokens, dim, s
     valid = others < tokens
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
-    x_i = _metric_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS, 1)
-    x_j = _metric_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS, 1)
-    similarity = _cosines(x_i, x_j, base.dtype.element_ty, PRECISION)
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS, 1)
+    unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS, 1)
+    similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
     weight = _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS)
     sums = _energy_sums(similarity, weight, margin, alpha, sigma, KIND)
     row_of_partials = partials_ptr + (item * tl.num_programs(2) + tl.program_id(2)) * tokens
@@ -240,15 +251,15 @@ def _store_best_edges(base, a_ptr, b_ptr, score_ptr, index_ptr, item, positions,
     in_a = positions < num_a
     cols = tl.arange(0, BLOCK_D)
     rows_a = _set_tokens(a_ptr, item, positions, in_a, a_row, a_first, a_step, LOOKUP)
-    x_a = _metric_rows(base, rows_a, in_a, dim, stride_t, stride_h, cols, HEADS, 1)
+    unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, stride_h, cols, HEADS, 1)
     best = tl.full(positions.shape, float("-inf"), dtype=tl.float32)
     best_at = tl.zeros(positions.shape, dtype=tl.int64)
     for start in range(0, num_b, BLOCK_B):
         others = start + tl.arange(0, BLOCK_B)
         in_b = others < num_b
         rows_b = _set_tokens(b_ptr, item, others, in_b, b_row, b_first, b_step, LOOKUP)
-        x_b = _metric_rows(base, rows_b, in_b, dim, stride_t, stride_h, cols, HEADS, 1)
-        scores = _cosines(x_a, x_b, base.dtype.element_ty, PRECISION)
+        unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, stride_h, cols, HEADS, 1)
+        scores = tl.dot(unit_a, tl.trans(unit_b), input_precision=PRECISION)
         scores = tl.where(in_b[None, :], scores, float("-inf"))
         top, top_at = tl.max(scores, axis=1, return_indices=True,
                              return_indices_tie_break_left=True)
@@ -578,7 +589,8 @@ def energy_tile_plan_kernel(metric_ptr, weights_ptr, keep_ptr, src_ptr, dst_ptr,
                             HAS_WEIGHTS: tl.constexpr, HEADS: tl.constexpr,
                             ALL_MERGE: tl.constexpr, BLOCK_T: tl.constexpr,
                             BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
-                            PRECISION: tl.constexpr, HEAD_STAGES: tl.constexpr):
+                            PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                            HEAD_STAGES: tl.constexpr):
     """PiToMe's whole plan of one item whose tokens fit one tile, in one program: the
     energy (``energy_kernel``), each token's place in the energy order, the best edges of
     set A (places ``a_first + a_step·i``) into set B, and the plan."""
@@ -589,7 +601,7 @@ def energy_tile_plan_kernel(metric_ptr, weights_ptr, keep_ptr, src_ptr, dst_ptr,
     valid = mine < tokens
     rows = _metric_rows(metric_ptr + item * stride_b, mine, valid, dim, stride_t, stride_h,
                         tl.arange(0, BLOCK_D), HEADS, HEAD_STAGES)
-    similarity = _cosines(rows, rows, metric_ptr.dtype.element_ty, PRECISION)
+    similarity = _cosine_tile(rows, metric_ptr.dtype.element_ty, PRECISION, UPCAST)
     weight = _column_weights(weights_ptr, item, tokens, mine, valid, HAS_WEIGHTS)
     energy = _energy_sums(similarity, weight, margin, alpha, sigma, KIND) / tl.sum(weight, axis=0)
     place = _ranks(energy, mine, valid)

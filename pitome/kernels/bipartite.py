@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..core.plan import MergePlan
-from .backend import use_triton
+from .backend import interpreting, use_triton
 from .energy import ENERGY_KINDS, EnergyOptions, energy_partials
 from .launch import (
     MAX_METRIC_DIM,
@@ -147,7 +147,8 @@ def _energy_tile_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: int,
         set_a[2], set_a[0], set_a[1], set_b[2], set_b[0], set_b[1],
         KIND=ENERGY_KINDS.index(energy.kind), HAS_WEIGHTS=weights is not None, HEADS=heads,
         ALL_MERGE=r == set_a[2], BLOCK_T=block, BLOCK_D=metric_block(dim), CHUNK=CHUNK,
-        PRECISION=dot_precision(), HEAD_STAGES=TILE_HEAD_STAGES, num_warps=TILE_WARPS)
+        PRECISION=dot_precision(), UPCAST=interpreting(), HEAD_STAGES=TILE_HEAD_STAGES,
+        num_warps=TILE_WARPS)
     return plan
 
 

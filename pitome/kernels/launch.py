@@ -96,6 +96,5 @@ def metric_block(dim: int) -> int:
 
 def dot_precision() -> str:
     """fp32 products on tensor cores with fp32 accuracy (three tf32 products); the
-    interpreter computes them in fp32 directly. (16-bit metrics need neither: see
-    ``_triton._cosines``.)"""
+    interpreter computes them in fp32 directly."""
     return "ieee" if interpreting() else "tf32x3"
