@@ -398,14 +398,11 @@ def test_one_tile_energy_plan_of_16_bit_keys_is_the_torch_plan(dtype, heads, mon
     options = EnergyOptions(0.5)
     with kernel_backend("triton"):
         tiled = energy_bipartite_merge(x, 20, 1, options, 40)
-        energy = token_energy(x, *options)
         monkeypatch.setattr(launch, "TILE_TOKENS", 0)
         split = energy_bipartite_merge(x, 20, 1, options, 40)
     with kernel_backend("torch"):
-        reference_energy = token_energy(x, *options)
-        order = argsort_rows(reference_energy, descending=True)
+        order = argsort_rows(token_energy(x, *options), descending=True)
         reference = bipartite_merge(x, 20, 1, order, 40)
-    torch.testing.assert_close(energy, reference_energy, atol=2e-6, rtol=1e-5)
     assert_same_plan(tiled, split)
     assert_same_plan(tiled, reference)
 

@@ -18,11 +18,10 @@ def _rounded_like(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _unit_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS: tl.constexpr,
-               HEAD_STAGES: tl.constexpr):
+def _unit_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS: tl.constexpr):
     """Rows ``rows`` of a ``T×d`` metric at ``base`` in float32 (see :func:`_metric_rows`),
     scaled to unit length (``F.normalize``: divided by ``max(‖x‖, 1e-12)``)."""
-    x = _metric_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS, HEAD_STAGES)
+    x = _metric_rows(base, rows, valid, dim, stride_t, stride_h, cols, HEADS, 1)
     return x / _norms(x)[:, None]
 
 
@@ -92,13 +91,13 @@ def energy_kernel(metric_ptr, weights_ptr, out_ptr, tokens, dim, stride_b, strid
     rows = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
-    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS, 1)
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS)
     total = tl.zeros([BLOCK_I], dtype=tl.float32)
     weight_sum = tl.zeros([BLOCK_J], dtype=tl.float32)
     for start in range(0, tokens, BLOCK_J):
         others = start + tl.arange(0, BLOCK_J)
         valid = others < tokens
-        unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS, 1)
+        unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS)
         similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
         weight = _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS)
         total += _energy_sums(similarity, weight, margin, alpha, sigma, KIND)
@@ -146,8 +145,8 @@ def energy_partials_kernel(metric_ptr, weights_ptr, partials_ptr, tokens, dim, s
     valid = others < tokens
     cols = tl.arange(0, BLOCK_D)
     base = metric_ptr + item * stride_b
-    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS, 1)
-    unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS, 1)
+    unit_i = _unit_rows(base, rows, rows < tokens, dim, stride_t, stride_h, cols, HEADS)
+    unit_j = _unit_rows(base, others, valid, dim, stride_t, stride_h, cols, HEADS)
     similarity = tl.dot(unit_i, tl.trans(unit_j), input_precision=PRECISION)
     weight = _column_weights(weights_ptr, item, tokens, others, valid, HAS_WEIGHTS)
     sums = _energy_sums(similarity, weight, margin, alpha, sigma, KIND)
@@ -251,14 +250,14 @@ def _store_best_edges(base, a_ptr, b_ptr, score_ptr, index_ptr, item, positions,
     in_a = positions < num_a
     cols = tl.arange(0, BLOCK_D)
     rows_a = _set_tokens(a_ptr, item, positions, in_a, a_row, a_first, a_step, LOOKUP)
-    unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, stride_h, cols, HEADS, 1)
+    unit_a = _unit_rows(base, rows_a, in_a, dim, stride_t, stride_h, cols, HEADS)
     best = tl.full(positions.shape, float("-inf"), dtype=tl.float32)
     best_at = tl.zeros(positions.shape, dtype=tl.int64)
     for start in range(0, num_b, BLOCK_B):
         others = start + tl.arange(0, BLOCK_B)
         in_b = others < num_b
         rows_b = _set_tokens(b_ptr, item, others, in_b, b_row, b_first, b_step, LOOKUP)
-        unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, stride_h, cols, HEADS, 1)
+        unit_b = _unit_rows(base, rows_b, in_b, dim, stride_t, stride_h, cols, HEADS)
         scores = tl.dot(unit_a, tl.trans(unit_b), input_precision=PRECISION)
         scores = tl.where(in_b[None, :], scores, float("-inf"))
         top, top_at = tl.max(scores, axis=1, return_indices=True,
