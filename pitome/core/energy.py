@@ -25,6 +25,11 @@ def cosine_similarity(unit: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(-1, -2)
 
 
+def gaussian_width(margin: float) -> float:
+    """The Gaussian energy's ``σ = 1 − m``, kept above zero for margins near 1."""
+    return max(1.0 - margin, 1e-3)
+
+
 def energy_score(similarity: torch.Tensor, margin: float, kind: EnergyKind = "elu",
                  alpha: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Energy of each token from its ``B×T×T`` similarity row (diagonal included).
@@ -41,8 +46,7 @@ def energy_score(similarity: torch.Tensor, margin: float, kind: EnergyKind = "el
     if kind == "elu":
         terms = F.elu(similarity - margin, alpha=alpha)
     elif kind == "gaussian":
-        sigma = max(1.0 - margin, 1e-3)
-        terms = torch.exp(-0.5 * ((1.0 - similarity) / sigma) ** 2)
+        terms = torch.exp(-0.5 * ((1.0 - similarity) / gaussian_width(margin)) ** 2)
     else:
         raise ValueError(f"unknown energy kind {kind!r}; use 'elu' or 'gaussian'")
     if weights is None:

@@ -17,7 +17,7 @@ import torch
 
 from ..core.plan import MergePlan
 from .backend import interpreting, use_triton
-from .energy import ENERGY_KINDS, EnergyOptions, energy_partials
+from .energy import ENERGY_KINDS, EnergyOptions, energy_partials, energy_scalars
 from .launch import (
     MAX_METRIC_DIM,
     TILE_HEAD_STAGES,
@@ -142,8 +142,8 @@ def _energy_tile_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: int,
     block = row_block(tokens)
     _triton.energy_tile_plan_kernel[(batch,)](
         metric, plan.keep if weights is None else weights, *outputs, batch, tokens, dim,
-        metric.stride(0), metric.stride(1), stride_h, float(energy.margin),
-        float(energy.alpha), max(1.0 - float(energy.margin), 1e-3), pooled, num_prefix, r,
+        metric.stride(0), metric.stride(1), stride_h,
+        *energy_scalars(energy.margin, energy.alpha), pooled, num_prefix, r,
         set_a[2], set_a[0], set_a[1], set_b[2], set_b[0], set_b[1],
         KIND=ENERGY_KINDS.index(energy.kind), HAS_WEIGHTS=weights is not None, HEADS=heads,
         ALL_MERGE=r == set_a[2], BLOCK_T=block, BLOCK_D=metric_block(dim), CHUNK=CHUNK,

@@ -7,7 +7,14 @@ from typing import NamedTuple
 
 import torch
 
-from ..core.energy import EnergyKind, cosine_similarity, energy_score, head_mean, unit_rows
+from ..core.energy import (
+    EnergyKind,
+    cosine_similarity,
+    energy_score,
+    gaussian_width,
+    head_mean,
+    unit_rows,
+)
 from .backend import use_triton
 from .launch import (
     MAX_METRIC_DIM,
@@ -51,8 +58,8 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     grid = (batch, -(-tokens // BLOCK_TOKENS))
     _triton.energy_kernel[grid](
         metric, weights, out, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
-        float(margin), float(alpha), max(1.0 - float(margin), 1e-3),
-        KIND=ENERGY_KINDS.index(kind), HAS_WEIGHTS=weights is not out, HEADS=heads,
+        *energy_scalars(margin, alpha), KIND=ENERGY_KINDS.index(kind),
+        HAS_WEIGHTS=weights is not out, HEADS=heads,
         BLOCK_I=BLOCK_TOKENS, BLOCK_J=BLOCK_TOKENS, BLOCK_D=metric_block(dim),
         PRECISION=dot_precision(), num_stages=metric_stages(heads))
     return out
@@ -94,6 +101,11 @@ def tokens_by_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "el
     return order
 
 
+def energy_scalars(margin: float, alpha: float) -> tuple[float, float, float]:
+    """The energy kernels' ``margin, alpha, sigma`` arguments, as Python floats."""
+    return float(margin), float(alpha), gaussian_width(float(margin))
+
+
 def energy_partials(metric: torch.Tensor, options: EnergyOptions
                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The energy's sums over each block of ``SPLIT_BLOCK`` columns, ``B×(blocks)×T``, and
@@ -111,8 +123,8 @@ def energy_partials(metric: torch.Tensor, options: EnergyOptions
     weights = None if options.weights is None else options.weights.float().contiguous()
     _triton.energy_partials_kernel[(batch, blocks, blocks)](
         metric, partials if weights is None else weights, partials, tokens, dim,
-        metric.stride(0), metric.stride(1), stride_h, float(options.margin),
-        float(options.alpha), max(1.0 - float(options.margin), 1e-3),
-        KIND=ENERGY_KINDS.index(options.kind), HAS_WEIGHTS=weights is not None, HEADS=heads,
+        metric.stride(0), metric.stride(1), stride_h,
+        *energy_scalars(options.margin, options.alpha), KIND=ENERGY_KINDS.index(options.kind),
+        HAS_WEIGHTS=weights is not None, HEADS=heads,
         BLOCK=SPLIT_BLOCK, BLOCK_D=metric_block(dim), PRECISION=dot_precision())
     return partials, weights
