@@ -100,11 +100,10 @@ def main() -> None:
         oracle = rows[1].images_per_s
         for row in rows:
             memory = "-" if row.peak_memory_mib is None else f"{row.peak_memory_mib:.0f}"
-            host = "-" if row.host_ms is None else f"{row.host_ms:.2f}" + "*" * row.host_bound
             host_bound |= row.host_bound
             print(f"| {name} | {batch} | {row.ratio:g} | {mode} | {row.algo} | {row.tokens_out} "
                   f"| {row.images_per_s:.1f} | {row.speedup:.2f}x | "
-                  f"{row.images_per_s / oracle:.2f} | {memory} | {host} |", flush=True)
+                  f"{row.images_per_s / oracle:.2f} | {memory} | {row.host_cell} |", flush=True)
             results.append({"model": name, "batch": batch, "mode": mode, **asdict(row),
                             "of_oracle": row.images_per_s / oracle})
         del model

@@ -48,6 +48,14 @@ class BenchRow:
         """Whether launching the forward took most of its time (see ``HOST_BOUND``)."""
         return self.host_ms is not None and self.host_ms >= HOST_BOUND * self.forward_ms
 
+    @property
+    def host_cell(self) -> str:
+        """``host_ms`` for a table, starred where the row is host-bound (see
+        :func:`host_bound_note`); "-" where there is none."""
+        if self.host_ms is None:
+            return "-"
+        return f"{self.host_ms:.2f}" + ("*" if self.host_bound else "")
+
 
 @dataclass(frozen=True)
 class BenchSetup:
@@ -280,8 +288,7 @@ def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
     if all(row.host_ms is not None for row in rows):
         header += ("ms/forward", "host ms")
         for line, row in zip(lines, rows):
-            starred = "*" if row.host_bound else ""
-            line += [f"{row.forward_ms:.2f}", f"{row.host_ms:.2f}{starred}"]
+            line += [f"{row.forward_ms:.2f}", row.host_cell]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
 
     def render(cells: Sequence[str]) -> str:
