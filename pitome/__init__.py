@@ -10,11 +10,12 @@ from __future__ import annotations
 from . import algorithms as _algorithms  # noqa: F401  (fills the registry)
 from .adapters import supported_models
 from .adapters.base import UnsupportedModelError
-from .api import merge_info, patch, pooling_weights, unpatch
-from .core.registry import available_algorithms, register
-from .core.state import MergeInfo
+from .api import merge_config, merge_info, patch, pooling_weights, unpatch
+from .core.registry import Algorithm, MergeContext, available_algorithms, register
+from .runtime.state import MergeConfig, MergeInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["MergeInfo", "UnsupportedModelError", "available_algorithms", "merge_info", "patch",
-           "pooling_weights", "register", "supported_models", "unpatch", "__version__"]
+__all__ = ["Algorithm", "MergeConfig", "MergeContext", "MergeInfo", "UnsupportedModelError",
+           "available_algorithms", "merge_config", "merge_info", "patch", "pooling_weights",
+           "register", "supported_models", "unpatch", "__version__"]

@@ -8,17 +8,17 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from .adapters import find_adapter, patched_adapter
-from .adapters.base import INFO_ATTR
-from .core.registry import get_method
+from .adapters import find_adapter
+from .core.registry import Algorithm, Method, get_method
 from .core.schedule import MarginSpec, RSpec, TokenSchedule
-from .core.state import MergeConfig, MergeInfo
+from .runtime import patcher
+from .runtime.state import MergeConfig, MergeInfo
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 DEFAULT_RATIO = 0.9
 
 
-def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
+def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None = None, *,
           r: RSpec | None = None, prop_attn: bool | None = None, margin: MarginSpec | None = None,
           metric: Literal["keys", "hidden"] = "keys", trace_source: bool = False,
           merge_blocks: Sequence[int] | None = None, count_prefix: bool | None = None,
@@ -27,8 +27,9 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
 
     Args:
         model: a supported transformer (see ``pitome.supported_models()``).
-        algo: a registered algorithm (``pitome.available_algorithms()``). On text models
-            ``"pitome"`` means the text variant, ``"pitome_text"`` (SPEC §3-5).
+        algo: a registered algorithm (``pitome.available_algorithms()``), or an
+            :class:`~pitome.core.registry.Algorithm` instance. On text models ``"pitome"``
+            means the text variant, ``"pitome_text"``.
         ratio: fraction of mergeable tokens each block keeps, in [0.5, 1]; 1 merges nothing.
             Defaults to 0.9 unless ``r`` is given.
         r: ToMe's alternative: tokens merged per block as an int, a per-block list, or
@@ -48,10 +49,14 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
 
     Raises:
         UnsupportedModelError: no adapter supports the model.
-        ValueError: an out-of-range ratio, an impossible ``r`` or an unknown algorithm.
+        ValueError: an out-of-range ratio, an impossible ``r`` or an unknown algorithm; or
+            ``model`` is part of a model that is patched as a whole.
+
+    Patching a model replaces any earlier patch of it or of its submodules.
     """
     adapter = find_adapter(model)
-    method = get_method(adapter.preset_for(model, algo))
+    method = _method(algo) if isinstance(algo, Algorithm) else \
+        get_method(adapter.preset_for(model, algo))
     if ratio is None and r is None:
         ratio = DEFAULT_RATIO
     if merge_blocks is None:
@@ -62,8 +67,11 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
         else count_prefix)
     if metric not in ("keys", "hidden"):
         raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
-    algorithm = method.build(**options)
-    if trace_source and not getattr(algorithm, "traceable", True):
+    algorithm = algo if isinstance(algo, Algorithm) else method.build(**options)
+    if isinstance(algo, Algorithm) and options:
+        raise TypeError(f"options {sorted(options)} are for registered algorithms; an "
+                        "Algorithm instance is passed as it is")
+    if trace_source and not algorithm.traceable:
         raise ValueError(f"algorithm {method.name!r} mixes tokens instead of merging them, so "
                          "it has no sources to trace; use trace_source=False")
     config = MergeConfig(
@@ -71,22 +79,32 @@ def patch(model: ModelT, algo: str = "pitome", ratio: float | None = None, *,
         margin=adapter.margin_for(model) if margin is None else margin,
         prop_attn=method.defaults.get("prop_attn", False) if prop_attn is None else prop_attn,
         metric=metric, trace_source=trace_source, keep_plans=keep_plans)
-    unpatch(model)
-    adapter.patch(model, config)
+    patcher.clear_for(model)
+    patcher.apply(model, adapter.patch(model, config))
     return model
+
+
+def _method(algorithm: Algorithm) -> Method:
+    return Method(type(algorithm).__name__.lower(), lambda: algorithm, "a user's algorithm")
 
 
 def unpatch(model: ModelT) -> ModelT:
     """Remove merging from ``model`` in place (a no-op on an unpatched model); returns it."""
-    adapter = patched_adapter(model)
-    if adapter is not None:
-        adapter.unpatch(model)
+    patcher.remove(model)
     return model
 
 
+def merge_config(model: nn.Module) -> MergeConfig | None:
+    """What ``pitome.patch`` decided for ``model``, or None if it is not patched."""
+    patch = patcher.patch_of(model)
+    return None if patch is None else patch.runtime.config
+
+
 def merge_info(model: nn.Module) -> MergeInfo | None:
-    """What the last forward pass of a patched model merged, or None before the first one."""
-    return model.__dict__.get(INFO_ATTR)
+    """What the last forward pass of a patched model merged (the calling thread's last, or
+    any thread's if this one ran none), or None before the first one."""
+    patch = patcher.patch_of(model)
+    return None if patch is None else patch.runtime.info()
 
 
 def pooling_weights(model: nn.Module, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

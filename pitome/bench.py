@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .adapters.base import CONFIG_ATTR
 from .analysis.flops import VitShape, similarity_macs, vit_macs
-from .api import merge_info, patch, unpatch
+from .api import merge_config, merge_info, patch, unpatch
 from .core.schedule import TokenSchedule, token_counts
 from .cuda_graph import CudaGraphForward
 
@@ -229,7 +228,7 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
             with torch.inference_mode():
                 model(images[:1])
             counts, forward = merge_info(model).token_counts, model
-            merge_macs = similarity_macs(model.__dict__[CONFIG_ATTR].algorithm, counts,
+            merge_macs = similarity_macs(merge_config(model).algorithm, counts,
                                          model.num_prefix_tokens, model.blocks[0].attn.head_dim)
 
         with _PeakMemory(device, base) as peak:

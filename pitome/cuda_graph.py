@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .core.overlap import named_stream
+from .runtime.overlap import named_stream
 
 
 class CudaGraphForward:

@@ -10,7 +10,7 @@ import torch
 from conftest import build, images
 
 import pitome
-from pitome.core.state import MergeState
+from pitome.runtime.state import MergeState
 from pitome.cuda_graph import CudaGraphForward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,10 +16,10 @@ from conftest import build, images  # noqa: E402
 import pitome  # noqa: E402
 from pitome.algorithms.pitome import PiToMe  # noqa: E402
 from pitome.algorithms.tome import ToMe  # noqa: E402
-from pitome.core.matching import bipartite_merge, energy_bipartite_merge, match_top_edges  # noqa: E402
+from pitome.algorithms.matching import bipartite_merge, energy_bipartite_merge, match_top_edges  # noqa: E402
 from pitome.core.plan import prune  # noqa: E402
 from pitome.core.registry import MergeContext  # noqa: E402
-from pitome.core.state import MergeState  # noqa: E402
+from pitome.runtime.state import MergeState  # noqa: E402
 from pitome.kernels import attention, launch  # noqa: E402
 from pitome.kernels.attention import proportional_attention  # noqa: E402
 from pitome.kernels.energy import EnergyOptions, tokens_by_energy  # noqa: E402

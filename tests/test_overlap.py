@@ -11,7 +11,7 @@ import torch
 from conftest import build, images
 
 import pitome
-from pitome.core.overlap import plan_ahead_enabled
+from pitome.runtime.overlap import plan_ahead_enabled
 
 
 def test_plans_run_in_series_on_cpu():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import CONFIG_ATTR, Adapter, UnsupportedModelError
+from .base import Adapter, UnsupportedModelError
 from .hf import HuggingFaceAdapter
 from .open_clip import OpenClipAdapter
 from .timm_vit import TimmVisionTransformerAdapter
@@ -23,10 +23,3 @@ def find_adapter(model: nn.Module) -> Adapter:
         if adapter.matches(model):
             return adapter
     raise UnsupportedModelError(type(model).__name__, supported_models())
-
-
-def patched_adapter(model: nn.Module) -> Adapter | None:
-    """The adapter that patched ``model``, or None if it is not patched."""
-    if CONFIG_ATTR not in model.__dict__:
-        return None
-    return find_adapter(model)

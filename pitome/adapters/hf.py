@@ -9,9 +9,8 @@ metric, the attention keys averaged over heads, is read by a forward hook on the
 projection, so no projection runs twice.
 
 The model's own forward stays in charge: it loops over the layers and builds its output
-classes; the layers hand one :class:`MergeState` from the first to the last through the
-:class:`StackRun` they share. The first layer starts it (reading the padding from the mask
-the model built), the last records :func:`pitome.merge_info` and lets it go.
+classes; the layers share the forward's session through :mod:`pitome.runtime.layers` (the
+first opens it, the last closes it and records :func:`pitome.merge_info`).
 
 transformers 4.x differs in three ways, each handled per layer rather than per version: layers
 whose forward takes ``output_attentions`` return ``(hidden_states,)``; ViT/DeiT layers keep the
@@ -25,6 +24,7 @@ own projections with pitome's key bias.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -32,10 +32,11 @@ from torch import nn
 
 from ..core.attention import multihead_attention
 from ..core.schedule import LinearMargin, MarginSpec
-from ..core.state import MergeConfig
-from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, restore_class, \
-    swap_class
-from .stack import INDEX_ATTR, RUN_ATTR, MergingLayer, StackRun
+from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer, ProjectionTap
+from ..runtime.patcher import Patch, class_names
+from ..runtime.session import Runtime, Session
+from ..runtime.state import MergeConfig
+from .base import UnsupportedModelError
 
 TESTED = "transformers 4.45, 4.57 and 5.24"
 
@@ -43,18 +44,19 @@ TESTED = "transformers 4.45, 4.57 and 5.24"
 class MergingPreNormLayer(MergingLayer):
     """ViT/DeiT (``layernorm_before``…) and CLIP/SigLIP (``layer_norm1``…) pre-norm layers."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *args, **kwargs) -> torch.Tensor:
-        run, state = self._pitome_enter(hidden_states, attention_mask)
+    def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        # Image tokens are never padded; the all-valid mask some transformers versions hand
+        # vision layers is replaced by pitome's key bias.
+        state = self._pitome_state(session, hidden_states, None)
         bias = state.attention_bias(hidden_states.dtype)
         norm1, attention, norm2 = self._pitome_parts()
         h = attention(norm1(hidden_states), attention_mask=bias)[0]
         dropout = getattr(self, "dropout", None)
-        x = hidden_states + (dropout(h) if dropout is not None else h)
-        x = self._pitome_merge(run, x, bias, _scale(attention, x.shape[-1]))
+        h = dropout(h) if dropout is not None else h
+        x = self._pitome_merge(session, hidden_states, bias, _scale(attention, h.shape[-1]), h)
         h = self.mlp(norm2(x))
-        x = x + (dropout(h) if dropout is not None else h)
-        return self._pitome_exit(run, x)
+        return x + (dropout(h) if dropout is not None else h)
 
     def _pitome_parts(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         if hasattr(self, "layernorm_before"):
@@ -65,80 +67,80 @@ class MergingPreNormLayer(MergingLayer):
 class MergingBertLayer(MergingLayer):
     """BERT/RoBERTa post-norm layer: attention sub-block (with its residual norm), merge, FFN."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *args, **kwargs) -> torch.Tensor:
-        run, state = self._pitome_enter(hidden_states, attention_mask)
+    def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        state = self._pitome_state(session, hidden_states, attention_mask)
         bias = state.attention_bias(hidden_states.dtype)
         x = self.attention(hidden_states, bias)[0]
-        x = self._pitome_merge(run, x, bias, _scale(self.attention.self, x.shape[-1]))
-        return self._pitome_exit(run, self.feed_forward_chunk(x))
+        x = self._pitome_merge(session, x, bias, _scale(self.attention.self, x.shape[-1]))
+        return self.feed_forward_chunk(x)
 
 
 class MergingDistilBertLayer(MergingLayer):
     """DistilBERT's ``TransformerBlock``: attention, residual norm, merge, FFN, residual norm."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *args, **kwargs) -> torch.Tensor:
-        run, state = self._pitome_enter(hidden_states, attention_mask)
+    def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        state = self._pitome_state(session, hidden_states, attention_mask)
         bias = state.attention_bias(hidden_states.dtype)
         h, _ = self.attention(hidden_states, attention_mask=bias)
         x = self.sa_layer_norm(h + hidden_states)
-        x = self._pitome_merge(run, x, bias, self.attention.scaling)
-        return self._pitome_exit(run, self.output_layer_norm(self.ffn(x) + x))
+        x = self._pitome_merge(session, x, bias, self.attention.scaling)
+        return self.output_layer_norm(self.ffn(x) + x)
 
 
 class MergingViTOutputLayer(MergingLayer):
     """ViT/DeiT in transformers 4.x: pre-norm attention (self-attention and its ``output``
     projection), merge, ``intermediate`` and ``output`` (which adds the residual)."""
 
-    def forward(self, hidden_states: torch.Tensor, head_mask: torch.Tensor | None = None,
-                *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor]:
-        run, state = self._pitome_enter(hidden_states, None)
+    def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
+                      head_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        state = self._pitome_state(session, hidden_states, None)
         bias = state.attention_bias(hidden_states.dtype)
         inner = self.attention.attention
         h = self.layernorm_before(hidden_states)
-        if self._pitome_unmerged(run, hidden_states):
+        if self._pitome_unmerged(session, hidden_states):
             h = self.attention(h, head_mask)
             h = h[0] if isinstance(h, tuple) else h
         else:
             h = self.attention.output(projected_attention(inner, h, bias, inner.query, inner.key,
                                                           inner.value), h)
-        x = self._pitome_merge(run, hidden_states + h, bias, _scale(inner, h.shape[-1]))
-        return self._pitome_exit(run, self.output(self.intermediate(self.layernorm_after(x)), x))
+        x = self._pitome_merge(session, hidden_states, bias, _scale(inner, h.shape[-1]), h)
+        return self.output(self.intermediate(self.layernorm_after(x)), x)
 
 
 class MergingDistilBertMaskLayer(MergingLayer):
     """DistilBERT's ``TransformerBlock`` in transformers 4.x, whose attention takes
     ``(query, key, value, mask)``; the block otherwise as :class:`MergingDistilBertLayer`."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, *args, **kwargs
-                ) -> tuple[torch.Tensor]:
-        run, state = self._pitome_enter(x, attn_mask)
+    def _pitome_layer(self, session: Session, x: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        state = self._pitome_state(session, x, attn_mask)
         bias = state.attention_bias(x.dtype)
         attention = self.attention
-        if self._pitome_unmerged(run, x):
+        if self._pitome_unmerged(session, x):
             h = attention(x, x, x, attn_mask)[0]
         else:
             h = attention.out_lin(projected_attention(attention, x, bias, attention.q_lin,
                                                       attention.k_lin, attention.v_lin))
         x = self.sa_layer_norm(h + x)
-        x = self._pitome_merge(run, x, bias, _scale(attention, x.shape[-1]))
-        return self._pitome_exit(run, self.output_layer_norm(self.ffn(x) + x))
+        x = self._pitome_merge(session, x, bias, _scale(attention, x.shape[-1]))
+        return self.output_layer_norm(self.ffn(x) + x)
 
 
 class MergingFusedQKVLayer(MergingLayer):
     """BLIP's vision layer, whose attention takes no mask: with a key bias to apply, the
     layer runs the attention itself from the module's own ``qkv`` and ``projection``."""
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                *args, **kwargs) -> torch.Tensor:
-        run, state = self._pitome_enter(hidden_states, attention_mask)
+    def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        state = self._pitome_state(session, hidden_states, None)  # image tokens: no padding
         bias = state.attention_bias(hidden_states.dtype)
         attention = self.self_attn
         h = self.layer_norm1(hidden_states)
         h = attention(hidden_states=h)[0] if bias is None else biased_attention(attention, h, bias)
-        x = self._pitome_merge(run, hidden_states + h, bias, attention.scale)
-        return self._pitome_exit(run, x + self.mlp(self.layer_norm2(x)))
+        x = self._pitome_merge(session, hidden_states, bias, attention.scale, h)
+        return x + self.mlp(self.layer_norm2(x))
 
 
 def biased_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -199,11 +201,9 @@ class LayerKind:
     fused: bool = False  # query and key are the first two thirds of one ``qkv`` projection
     takes: str | None = None  # a parameter the layer's forward names (tells versions apart)
 
-    def hook(self, run: StackRun, what: str):
-        part = 0 if what == "queries" else 1
-        if self.fused:
-            return lambda module, args, out: setattr(run, what, out.chunk(3, dim=-1)[part])
-        return lambda module, args, out: setattr(run, what, out)
+    def tap(self, runtime: Runtime, block: int, what: str) -> ProjectionTap:
+        part = (0 if what == "queries" else 1) if self.fused else None
+        return ProjectionTap(runtime, block, what, part)
 
 
 LAYER_KINDS = (
@@ -273,12 +273,15 @@ FAMILIES = (
 )
 
 
-def _cross_attention_sizes(model: nn.Module):
+class CrossAttentionSizes:
     """A pre-hook for BLIP's text encoder: cross-attention to merged image tokens gets the
     same ``log size`` key bias as self-attention (proportional attention)."""
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        info = model.__dict__.get(INFO_ATTR)
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        info = self.runtime.info()
         states = kwargs.get("encoder_hidden_states")
         mask = kwargs.get("encoder_attention_mask")
         if info is None or info.sizes is None or states is None or mask is None \
@@ -288,34 +291,38 @@ def _cross_attention_sizes(model: nn.Module):
         bias = torch.where(mask.bool(), info.sizes[..., 0].log(), blocked).to(states.dtype)
         return args, {**kwargs, "encoder_attention_mask": bias[:, None, None, :]}
 
-    return hook
 
-
-def _additive_cross_attention_masks(layers: nn.ModuleList, text_encoder: nn.Module) -> list:
+class HeldCrossAttentionMask:
     """transformers 4.x: BLIP's text encoder takes only a 0/1 encoder mask, so a 4-D additive
-    one (as the hook above makes) is held back and handed to every cross-attention module."""
-    held: dict[str, torch.Tensor] = {}
+    one (as :class:`CrossAttentionSizes` makes) is held back by :meth:`hold` and handed to
+    every cross-attention module by :meth:`hand`."""
 
-    def hold(module: nn.Module, args: tuple, kwargs: dict):
+    def __init__(self) -> None:
+        self._local = threading.local()  # one text forward per thread
+
+    def hold(self, module: nn.Module, args: tuple, kwargs: dict):
         mask = kwargs.get("encoder_attention_mask")
-        held.pop("bias", None)
-        if mask is None or mask.dim() != 4:
+        held = mask if mask is not None and mask.dim() == 4 else None
+        self._local.mask = held
+        if held is None:
             return None
-        held["bias"] = mask
         return args, {**kwargs, "encoder_attention_mask": None}
 
-    def hand(module: nn.Module, args: tuple, kwargs: dict):
-        if "bias" not in held:
+    def hand(self, module: nn.Module, args: tuple, kwargs: dict):
+        held = getattr(self._local, "mask", None)
+        if held is None:
             return None
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         name = "encoder_attention_mask" if "encoder_attention_mask" in bound.signature.parameters \
             else "attention_mask"
-        bound.arguments[name] = held["bias"]
+        bound.arguments[name] = held
         return bound.args, bound.kwargs
 
-    return [text_encoder.register_forward_pre_hook(hold, with_kwargs=True)] + [
-        layer.crossattention.register_forward_pre_hook(hand, with_kwargs=True)
-        for layer in layers if hasattr(layer, "crossattention")]
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._local = threading.local()
 
 
 def _attribute(module: nn.Module, path: str) -> nn.Module | None:
@@ -409,43 +416,35 @@ class HuggingFaceAdapter:
             kinds.append(kind)
         return kinds
 
-    def patch(self, model: nn.Module, config: MergeConfig) -> None:
+    def patch(self, model: nn.Module, config: MergeConfig) -> Patch:
         family = self.family(model)
         layers = self.stack(model)
         kinds = self.check(model, layers)
-        run = StackRun(model, config, family.num_prefix,  # type: ignore[union-attr]
-                       _heads(model, layers[0], kinds[0]), len(layers))
+        runtime = Runtime(config, family.num_prefix, len(layers),  # type: ignore[union-attr]
+                          _heads(model, layers[0], kinds[0]))
+        patch = Patch(self.name, runtime)
         # transformers 4.x: layers that can output attentions return tuples
-        run.returns_tuple = "output_attentions" in _forward_parameters(layers[0])
-        needs_queries = getattr(config.algorithm, "needs_attention", False)
+        returns_tuple = "output_attentions" in _forward_parameters(layers[0])
         for index, (layer, kind) in enumerate(zip(layers, kinds)):
-            run.hooks.append(_attribute(layer, kind.key).register_forward_hook(
-                kind.hook(run, "keys")))
-            if needs_queries:
-                run.hooks.append(_attribute(layer, kind.query).register_forward_hook(
-                    kind.hook(run, "queries")))
-            swap_class(layer, kind.mixin)
-            layer.__dict__[RUN_ATTR] = run
-            layer.__dict__[INDEX_ATTR] = index
+            patch.hook(_attribute(layer, kind.key).register_forward_hook(
+                kind.tap(runtime, index, "keys")))
+            if config.algorithm.needs_attention:
+                patch.hook(_attribute(layer, kind.query).register_forward_hook(
+                    kind.tap(runtime, index, "queries")))
+            patch.swap(layer, kind.mixin)
+            patch.set(layer, RUNTIME_ATTR, runtime)
+            patch.set(layer, INDEX_ATTR, index)
+            patch.set(layer, TUPLE_ATTR, returns_tuple)
         text_encoder = getattr(model, "text_encoder", None)
         if family.cross_attends and text_encoder is not None and config.prop_attn:  # type: ignore[union-attr]
-            run.hooks.append(text_encoder.register_forward_pre_hook(
-                _cross_attention_sizes(model), with_kwargs=True))
+            patch.hook(text_encoder.register_forward_pre_hook(CrossAttentionSizes(runtime),
+                                                              with_kwargs=True))
             text_layers = _attribute(text_encoder, "encoder.layer") or []
             if len(text_layers) and "output_attentions" in _forward_parameters(text_layers[0]):
-                run.hooks += _additive_cross_attention_masks(text_layers, text_encoder)
-        object.__setattr__(model, CONFIG_ATTR, config)
-
-    def unpatch(self, model: nn.Module) -> None:
-        layers = self.stack(model)
-        run = layers[0].__dict__.get(RUN_ATTR) if len(layers) else None
-        if run is not None:
-            for hook in run.hooks:
-                hook.remove()
-        for layer in layers:
-            restore_class(layer)
-            layer.__dict__.pop(RUN_ATTR, None)
-            layer.__dict__.pop(INDEX_ATTR, None)
-        for attr in (CONFIG_ATTR, INFO_ATTR):
-            model.__dict__.pop(attr, None)
-
+                held = HeldCrossAttentionMask()
+                patch.hook(text_encoder.register_forward_pre_hook(held.hold, with_kwargs=True))
+                for layer in text_layers:
+                    if hasattr(layer, "crossattention"):
+                        patch.hook(layer.crossattention.register_forward_pre_hook(
+                            held.hand, with_kwargs=True))
+        return patch

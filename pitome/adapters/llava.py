@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.schedule import token_counts
-from .base import CONFIG_ATTR
+from ..runtime.patcher import patch_of
 
 
 def _tower_counts(model: nn.Module) -> tuple[list[int], int]:
@@ -25,9 +25,9 @@ def _tower_counts(model: nn.Module) -> tuple[list[int], int]:
         raise ValueError("fit_image_placeholders supports one vision_feature_layer, got "
                          f"{layer!r}")
     tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    merge_config = model.__dict__.get(CONFIG_ATTR)
-    merges = [0] * vision.num_hidden_layers if merge_config is None else \
-        merge_config.schedule.plan(tokens, 1, vision.num_hidden_layers)
+    patch = patch_of(model)
+    merges = [0] * vision.num_hidden_layers if patch is None else \
+        patch.runtime.config.schedule.plan(tokens, 1, vision.num_hidden_layers)
     return token_counts(tokens, merges), layer % (vision.num_hidden_layers + 1)
 
 

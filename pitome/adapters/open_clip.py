@@ -16,10 +16,13 @@ from torch import nn
 
 from ..core.attention import multihead_attention
 from ..core.schedule import LinearMargin
-from ..core.state import MergeConfig
-from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, restore_class, \
-    swap_class
-from .stack import INDEX_ATTR, RUN_ATTR, MergingLayer, StackRun
+from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, MergingLayer, split_heads
+from ..runtime.patcher import Patch, class_names
+from ..runtime.session import Runtime, Session
+from ..runtime.state import MergeConfig
+from .base import UnsupportedModelError
+
+STACK_ATTR = "_pitome_stack"
 
 BLOCK_CLASS = "ResidualAttentionBlock"
 SUPPORTED = "open_clip VisionTransformer (open_clip.create_model(...) or its .visual), " \
@@ -31,48 +34,66 @@ def _is_open_clip(module: nn.Module) -> bool:
 
 
 def projected_attention(attention: nn.MultiheadAttention, x: torch.Tensor,
-                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                             torch.Tensor]:
+                        bias: torch.Tensor | None, session: Session) -> torch.Tensor:
     """Batch-first attention of an ``nn.MultiheadAttention`` with an additive key bias,
-    through fused scaled-dot-product attention; returns the output, the keys and queries
-    (``B×T×C`` each)."""
+    through fused scaled-dot-product attention. The keys and queries go to the session as
+    soon as they exist, so the block's plan can start before the attention."""
     q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    session.keys, session.queries = k, q
+    state = session.state
+    block = session.block
+    if state.config.metric == "keys" and state.merges[block]:
+        session.metric = state.keys_metric(split_heads(k, attention.num_heads), block)
     dropout = attention.dropout if attention.training else 0.0
     out = multihead_attention(q, k, v, attention.num_heads, bias, dropout)
-    return attention.out_proj(out), k, q
+    return attention.out_proj(out)
 
 
 class MergingResidualAttentionBlock(MergingLayer):
-    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
-                v_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def _pitome_layer(self, session: Session, q_x: torch.Tensor, k_x: torch.Tensor | None = None,
+                      v_x: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         if k_x is not None or v_x is not None or attn_mask is not None:
             raise ValueError("a merging open_clip block takes neither cross-attention inputs "
                              "nor an attention mask; call pitome.unpatch first")
         batch_first = self.attn.batch_first
         x = q_x if batch_first else q_x.transpose(0, 1)
-        run, state = self._pitome_enter(x, None)
-        index = self.__dict__[INDEX_ATTR]
+        state = self._pitome_state(session, x, None)
+        merges = state.merges[self.__dict__[INDEX_ATTR]]
         bias = state.attention_bias(x.dtype)
         h = self.ln_1(x)
-        if bias is None and state.merges[index] == 0:
+        if bias is None and not merges:
             h = self.attn(h, h, h, need_weights=False)[0]
         else:
-            h, run.keys, run.queries = projected_attention(self.attn, h, bias)
-        x = x + self.ls_1(h)
-        if state.merges[index]:
-            x = self._pitome_merge(run, x, bias, (self.attn.head_dim) ** -0.5)
+            h = projected_attention(self.attn, h, bias, session)
+        x = self._pitome_merge(session, x, bias, self.attn.head_dim ** -0.5, self.ls_1(h))
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
-        x = self._pitome_exit(run, x)
         return x if batch_first else x.transpose(0, 1)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.__dict__[STACK_ATTR].grad_checkpointing
+
+
+class MergingTransformer:
+    """open_clip's block loop without its own checkpointing: merging blocks checkpoint
+    themselves (see :mod:`pitome.runtime.layers`), so a recomputation finds its session."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.batch_first:
+            x = x.transpose(0, 1).contiguous()
+        for block in self.resblocks:
+            x = block(x, attn_mask=attn_mask)
+        return x if self.batch_first else x.transpose(0, 1)
 
 
 class MergingOpenClipVisionTransformer:
     """Average pooling by size: a merged token counts for the patches it holds."""
 
     def _global_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sizes = self.__dict__[RUN_ATTR].last_sizes
-        if self.pool_type != "avg" or sizes is None or sizes.shape[1] != x.shape[1]:
+        info = self.__dict__[RUNTIME_ATTR].info()
+        sizes = None if info is None else info.sizes
+        if self.pool_type != "avg" or sizes is None or sizes.shape[:2] != x.shape[:2]:
             return super()._global_pool(x)  # type: ignore[misc]
         weights = sizes[:, 1:].to(torch.float32)
         pooled = (x[:, 1:].float() * weights).sum(dim=1) / weights.sum(dim=1)
@@ -103,9 +124,10 @@ class OpenClipAdapter:
     def preset_for(self, model: nn.Module, algo: str) -> str:
         return algo
 
-    def patch(self, model: nn.Module, config: MergeConfig) -> None:
+    def patch(self, model: nn.Module, config: MergeConfig) -> Patch:
         visual = self.tower(model)
-        blocks = visual.transformer.resblocks
+        transformer = visual.transformer
+        blocks = transformer.resblocks
         for index, block in enumerate(blocks):
             if BLOCK_CLASS not in class_names(block) or hasattr(block, "ln_1_kv"):
                 raise UnsupportedModelError(
@@ -114,22 +136,14 @@ class OpenClipAdapter:
         if getattr(visual, "attn_pool", None) is not None:
             raise UnsupportedModelError("open_clip tower with attentional pooling (CoCa)",
                                         (SUPPORTED,))
-        run = StackRun(model, config, 1, blocks[0].attn.num_heads, len(blocks))
+        runtime = Runtime(config, 1, len(blocks), blocks[0].attn.num_heads)
+        patch = Patch(self.name, runtime)
         for index, block in enumerate(blocks):
-            swap_class(block, MergingResidualAttentionBlock)
-            block.__dict__[RUN_ATTR] = run
-            block.__dict__[INDEX_ATTR] = index
-        swap_class(visual, MergingOpenClipVisionTransformer)
-        visual.__dict__[RUN_ATTR] = run
-        object.__setattr__(model, CONFIG_ATTR, config)
-
-    def unpatch(self, model: nn.Module) -> None:
-        visual = self.tower(model)
-        for block in visual.transformer.resblocks:
-            restore_class(block)
-            block.__dict__.pop(RUN_ATTR, None)
-            block.__dict__.pop(INDEX_ATTR, None)
-        restore_class(visual)
-        visual.__dict__.pop(RUN_ATTR, None)
-        for attr in (CONFIG_ATTR, INFO_ATTR):
-            model.__dict__.pop(attr, None)
+            patch.swap(block, MergingResidualAttentionBlock)
+            patch.set(block, RUNTIME_ATTR, runtime)
+            patch.set(block, INDEX_ATTR, index)
+            patch.set(block, STACK_ATTR, transformer)
+        patch.swap(transformer, MergingTransformer)
+        patch.swap(visual, MergingOpenClipVisionTransformer)
+        patch.set(visual, RUNTIME_ATTR, runtime)
+        return patch

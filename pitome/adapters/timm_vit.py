@@ -10,19 +10,22 @@ key's logits (:func:`pitome.kernels.attention.proportional_attention`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import received_attention
 from ..core.schedule import LinearMargin
-from ..core.state import MergeConfig, MergeState
 from ..kernels.attention import proportional_attention
-from .base import CONFIG_ATTR, INFO_ATTR, UnsupportedModelError, class_names, record_info, \
-    restore_class, swap_class
+from ..runtime.patcher import Patch, class_names
+from ..runtime.session import Runtime
+from ..runtime.state import MergeConfig, MergeState
+from .base import UnsupportedModelError
 
 MODEL_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
 BLOCK_CLASSES = ("Block", "ResPostBlock")
 ATTENTION_CLASS = "Attention"
+RUNTIME_ATTR = "_pitome_runtime"
 
 
 def attention_with_keys(attn: nn.Module, x: torch.Tensor, state: MergeState,
@@ -43,7 +46,8 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, state: MergeState,
     keys = state.keys_metric(k, block)
     received = None
     if state.needs_attention:
-        received = received_attention(q, k, attn.scale, state.attention_bias(x.dtype), state)
+        received = received_attention(q, k, attn.scale, state.attention_bias(x.dtype),
+                                      state.num_prefix)
     dropout = attn.attn_drop.p if attn.training else 0.0
     if attn.fused_attn:
         sizes = state.sizes if state.config.prop_attn else None
@@ -71,6 +75,7 @@ class MergingBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        merge_state.enter(block_index)
         h, keys, received = attention_with_keys(self.attn, self.norm1(x), merge_state,
                                                 block_index)
         x = merge_state.merge_residual(x, self.drop_path1(self.ls1(h)), keys, block_index,
@@ -86,6 +91,7 @@ class MergingResPostBlock:
                 block_index: int = 0) -> torch.Tensor:
         if merge_state is None:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # type: ignore[misc]
+        merge_state.enter(block_index)
         h, keys, received = attention_with_keys(self.attn, x, merge_state, block_index)
         x = merge_state.merge_residual(x, self.drop_path1(self.norm1(h)), keys, block_index,
                                        received)
@@ -111,12 +117,23 @@ class MergingVisionTransformer:
         if attn_mask is not None or is_causal:
             raise ValueError("token merging changes the sequence, so attn_mask and is_causal "
                              "cannot be used on a patched model; call pitome.unpatch first")
+        runtime: Runtime = self.__dict__[RUNTIME_ATTR]
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        state = MergeState(getattr(self, CONFIG_ATTR), x, self.num_prefix_tokens, len(self.blocks))
-        tokens_in = x.shape[1]
-        for index, block in enumerate(self.blocks):
-            x = block(x, merge_state=state, block_index=index)
-        record_info(self, state.info(tokens_in))
+        session = runtime.open()
+        completed = False
+        try:
+            state = session.begin(x)
+            checkpointed = self.grad_checkpointing and torch.is_grad_enabled() \
+                and not torch.jit.is_scripting()
+            for index, block in enumerate(self.blocks):
+                if checkpointed:  # timm's set_grad_checkpointing
+                    x = checkpoint(block, x, merge_state=state, block_index=index,
+                                   use_reentrant=False)
+                else:
+                    x = block(x, merge_state=state, block_index=index)
+            completed = True
+        finally:
+            runtime.close(session, completed)
         return self.norm(x), state
 
     def _pools_by_average(self) -> bool:
@@ -162,21 +179,17 @@ class TimmVisionTransformerAdapter:
                     f"{type(model).__name__} whose block {index} uses {type(block.attn).__name__}",
                     (self.supported,))
 
-    def patch(self, model: nn.Module, config: MergeConfig) -> None:
+    def patch(self, model: nn.Module, config: MergeConfig) -> Patch:
         self.check(model)
         patch_embed = getattr(model, "patch_embed", None)
         if patch_embed is not None and not getattr(model, "dynamic_img_size", False):
             tokens = patch_embed.num_patches + model.num_prefix_tokens
             config.schedule.plan(tokens, model.num_prefix_tokens, len(model.blocks))
+        runtime = Runtime(config, model.num_prefix_tokens, len(model.blocks),
+                          model.blocks[0].attn.num_heads)
+        patch = Patch(self.name, runtime)
         for block in model.blocks:
-            mixin = MergingBlock if "Block" in class_names(block) else MergingResPostBlock
-            swap_class(block, mixin)
-        swap_class(model, MergingVisionTransformer)
-        object.__setattr__(model, CONFIG_ATTR, config)
-
-    def unpatch(self, model: nn.Module) -> None:
-        for block in model.blocks:
-            restore_class(block)
-        restore_class(model)
-        for attr in (CONFIG_ATTR, INFO_ATTR):
-            model.__dict__.pop(attr, None)
+            patch.swap(block, MergingBlock if "Block" in class_names(block) else MergingResPostBlock)
+        patch.swap(model, MergingVisionTransformer)
+        patch.set(model, RUNTIME_ATTR, runtime)
+        return patch

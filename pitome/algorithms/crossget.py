@@ -6,10 +6,10 @@ import torch
 
 from ..core.energy import cosine_similarity, unit_rows
 from ..core.plan import MergePlan, assemble
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 
 
-class CrossGET:
+class CrossGET(Algorithm):
     """Complete-graph soft matching: any token may merge into any other, without cycles.
 
     Every token's best match is taken over all other tokens (the diagonal removed), not

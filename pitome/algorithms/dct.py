@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 
 
 def dct_matrix(n: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +57,7 @@ class LinearPlan:
                          "or masks to carry; use trace_source=False and no padding")
 
 
-class DCT:
+class DCT(Algorithm):
     """Keep the ``T′ − r`` lowest DCT frequencies of the non-prefix token sequence.
 
     Fourier Transformer (He et al. 2023): DCT-II along the sequence, truncate to

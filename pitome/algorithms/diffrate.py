@@ -8,10 +8,10 @@ import torch
 
 from ..core.energy import unit_rows
 from ..core.plan import MergePlan, assemble, gather_rows, prune
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 
 
-class DiffRate:
+class DiffRate(Algorithm):
     """Sort tokens by the attention they receive from CLS; the ``r`` least attended go.
 
     DiffRate (Chen et al. 2023, §3.2) ranks tokens by class attention and either prunes the

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..core.plan import MergePlan, assemble, prune
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 
 
-class RandomMatching:
+class RandomMatching(Algorithm):
     """Merge ``r`` random tokens into random partners (same schedule, no similarity).
 
     A random half of the tokens forms set A, the rest set B; ``r`` random A tokens each
@@ -29,7 +29,7 @@ class RandomMatching:
         return 0
 
 
-class AttentionPruning:
+class AttentionPruning(Algorithm):
     """Drop the ``r`` tokens that receive the least attention from CLS (EViT without fusion).
 
     Liang et al., "Not All Patches Are What You Need" (ICLR 2022): class attention ranks

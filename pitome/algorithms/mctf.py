@@ -8,10 +8,10 @@ import torch
 
 from ..core.energy import unit_rows
 from ..core.plan import MergePlan, assemble
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 
 
-class MCTF:
+class MCTF(Algorithm):
     """Bipartite fusion weighted by similarity, informativeness and size, in both directions.
 
     The edge weight between tokens ``i`` and ``j`` multiplies three criteria (Lee et al.

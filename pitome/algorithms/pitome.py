@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ..core.energy import EnergyKind
-from ..core.matching import bipartite_merge, energy_bipartite_merge
+from .matching import bipartite_merge, energy_bipartite_merge
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
 from ..kernels.energy import EnergyOptions, token_energy
@@ -16,7 +16,7 @@ from ..kernels.sort import argsort_rows
 from .tome import ToMe
 
 
-class PiToMe:
+class PiToMe(Algorithm):
     """Spectrum-preserving token merging, Tran et al. 2024, Eq. (4)-(6) and Alg. 1.
 
     1. Energy ``E_i`` of every non-prefix token from its cosine row (SPEC §3).
@@ -74,21 +74,20 @@ class PiToMe:
         return mergeable ** 2
 
 
-class Hybrid:
+class Hybrid(Algorithm):
     """One algorithm in the first blocks, another after ``switch·L`` (the authors' schedules)."""
 
     def __init__(self, early: Algorithm, late: Algorithm, switch: float = 0.5) -> None:
         self.early, self.late, self.switch = early, late, switch
-        self.needs_attention = any(getattr(part, "needs_attention", False) for part in (early, late))
-        self.takes_head_keys = all(getattr(part, "takes_head_keys", False) for part in (early, late))
+        self.needs_attention = early.needs_attention or late.needs_attention
+        self.takes_head_keys = early.takes_head_keys and late.takes_head_keys
+        self.traceable = early.traceable and late.traceable
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         return self._choose(ctx.block, ctx.num_blocks)(metric, ctx)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
-        chosen = self._choose(block, num_blocks)
-        counter = getattr(chosen, "similarity_pairs", None)
-        return mergeable ** 2 if counter is None else counter(mergeable, block, num_blocks)
+        return self._choose(block, num_blocks).similarity_pairs(mergeable, block, num_blocks)
 
     def _choose(self, block: int, num_blocks: int) -> Algorithm:
         return self.early if block < self.switch * num_blocks else self.late

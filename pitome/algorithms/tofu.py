@@ -7,11 +7,11 @@ from dataclasses import replace
 import torch
 
 from ..core.plan import MergePlan
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 from .tome import ToMe
 
 
-class ToFu:
+class ToFu(Algorithm):
     """ToMe's bipartite matching; prune in early blocks, merge by MLERP in later ones.
 
     Early blocks (``block < prune_until·L``) drop the matched A tokens (pruning, where the

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core.matching import bipartite_merge
+from .matching import bipartite_merge
 from ..core.plan import MergePlan
-from ..core.registry import MergeContext
+from ..core.registry import Algorithm, MergeContext
 
 
-class ToMe:
+class ToMe(Algorithm):
     """Token Merging, Bolya et al. 2023, Eq. (bipartite soft matching, §3).
 
     Non-prefix tokens alternate between sets A and B by position; each A token's most similar

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..core.registry import Algorithm
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,10 @@ def similarity_macs(algorithm: object, token_counts: Sequence[int], num_prefix: 
                if tokens_in != tokens_out)
 
 
-def merge_macs(algorithm: object, block: int, num_blocks: int, mergeable: int,
+def merge_macs(algorithm: Algorithm, block: int, num_blocks: int, mergeable: int,
                metric_width: int) -> int:
     """Similarity MACs of one merging block (see :func:`similarity_macs`)."""
-    count_pairs = getattr(algorithm, "similarity_pairs", None)
-    pairs = mergeable ** 2 if count_pairs is None else count_pairs(mergeable, block, num_blocks)
-    return pairs * metric_width
+    return algorithm.similarity_pairs(mergeable, block, num_blocks) * metric_width
 
 
 @dataclass(frozen=True)
@@ -163,14 +165,13 @@ def flops(model: nn.Module, inputs) -> FlopsReport:
     """
     import torch
 
-    from ..adapters.base import CONFIG_ATTR
-    from ..api import merge_info
+    from ..api import merge_config, merge_info
 
     with torch.no_grad():
         model(inputs)
     shape = VitShape.of(model)
     num_patches, prefix = _tokens_and_prefix(model)
-    config = model.__dict__.get(CONFIG_ATTR)
+    config = merge_config(model)
     info = merge_info(model) if config is not None else None
     counts = info.token_counts if info is not None else [num_patches + prefix] * (
         shape.num_blocks + 1)

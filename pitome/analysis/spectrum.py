@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ..core.energy import cosine_similarity, unit_rows
+from ..core.registry import Algorithm
 
 Weighting = Literal["relu", "margin"]
 
@@ -70,12 +71,13 @@ def spectral_distance(weights: torch.Tensor, membership: torch.Tensor) -> float:
     return (before - after).abs().sum().item()
 
 
-class _Recorder:
+class _Recorder(Algorithm):
     """Wraps a patched model's algorithm and keeps every block's metric and plan."""
 
-    def __init__(self, algorithm) -> None:
+    def __init__(self, algorithm: Algorithm) -> None:
         self.algorithm = algorithm
-        self.needs_attention = getattr(algorithm, "needs_attention", False)
+        self.needs_attention = algorithm.needs_attention
+        self.traceable = algorithm.traceable
         self.records: dict[int, tuple[torch.Tensor, object]] = {}
 
     def __call__(self, metric: torch.Tensor, ctx):
@@ -85,15 +87,15 @@ class _Recorder:
 
 
 def _recorded_forward(model, images, algo, options) -> _Recorder:
-    from dataclasses import replace
-
-    from ..adapters.base import CONFIG_ATTR
-    from ..api import patch, unpatch
+    from ..api import merge_config, patch, unpatch
 
     patch(model, algo=algo, **options)
-    config = model.__dict__[CONFIG_ATTR]
+    config = merge_config(model)
     recorder = _Recorder(config.algorithm)
-    object.__setattr__(model, CONFIG_ATTR, replace(config, algorithm=recorder))
+    schedule = config.schedule
+    patch(model, algo=recorder, ratio=schedule.ratio, r=schedule.r,
+          merge_blocks=schedule.merge_blocks, count_prefix=schedule.count_prefix,
+          prop_attn=config.prop_attn, margin=config.margin, metric=config.metric)
     try:
         with torch.no_grad():
             model(images)

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from .state import MergeState
 
 
 def log_size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -36,10 +31,10 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None,
-                       state: "MergeState") -> torch.Tensor:
+                       num_prefix: int) -> torch.Tensor:
     """``B×T`` attention from the CLS query (or the mean query without one), head-averaged."""
     with torch.no_grad():
-        query = q[:, :, :1] if state.num_prefix > 0 else q.mean(dim=2, keepdim=True)
+        query = q[:, :, :1] if num_prefix > 0 else q.mean(dim=2, keepdim=True)
         logits = (query.float() @ k.float().transpose(-2, -1)) * scale
         if bias is not None:
             logits = logits + bias.float()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -44,17 +44,43 @@ class MergeContext:
     attention: torch.Tensor | None = None
 
 
-class Algorithm(Protocol):
-    """Plans one block's merge from the ``B×T×d`` metric of its tokens.
+class Algorithm:
+    """Base of every merging algorithm: plans one block's merge from the ``B×T×d`` metric.
 
-    An algorithm whose class sets ``takes_head_keys = True`` may instead be handed the
-    attention keys per head, ``B×T×H×d``, whose mean over heads is the metric: its kernels
-    average them as they read them, one launch fewer per block (see
-    :func:`pitome.kernels.launch.fuses_head_mean`); ``pitome.core.energy.head_mean`` gives
-    the ``B×T×d`` metric wherever it needs one.
+    Subclasses implement ``__call__`` and declare what they need as class (or instance)
+    attributes, which the runtime reads instead of probing:
+
+    Attributes:
+        needs_attention: the algorithm reads ``ctx.attention`` (attention received from CLS).
+        takes_head_keys: it may be handed the attention keys per head, ``B×T×H×d``, whose
+            mean over heads is the metric: its kernels average them as they read them, one
+            launch fewer per block (see :func:`pitome.kernels.launch.fuses_head_mean`);
+            ``pitome.core.energy.head_mean`` gives the ``B×T×d`` metric wherever it needs one.
+        traceable: its plans move whole tokens, so ``trace_source`` can follow them (False
+            for methods that mix every token into every output, such as DCT).
     """
 
-    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan: ...
+    needs_attention: bool = False
+    takes_head_keys: bool = False
+    traceable: bool = True
+
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
+        raise NotImplementedError
+
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+        """Metric rows compared per image to plan a block of ``mergeable`` tokens (FLOPs);
+        all pairs unless the algorithm compares fewer."""
+        return mergeable ** 2
+
+
+class FunctionAlgorithm(Algorithm):
+    """A plain ``(metric, ctx) -> MergePlan`` function registered as an algorithm."""
+
+    def __init__(self, function: Callable[[torch.Tensor, MergeContext], MergePlan]) -> None:
+        self.function = function
+
+    def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
+        return self.function(metric, ctx)
 
 
 @dataclass(frozen=True)
@@ -74,7 +100,13 @@ class Method:
         if unknown:
             raise TypeError(f"algorithm {self.name!r} does not take option(s) {unknown}; "
                             f"it takes {sorted(accepted)}")
-        return self.factory(**merged)
+        algorithm = self.factory(**merged)
+        if isinstance(algorithm, Algorithm):
+            return algorithm
+        if not callable(algorithm):
+            raise TypeError(f"algorithm {self.name!r}: its factory returned a "
+                            f"{type(algorithm).__name__}, not a pitome.Algorithm or a callable")
+        return FunctionAlgorithm(algorithm)
 
 
 _METHODS: dict[str, Method] = {}

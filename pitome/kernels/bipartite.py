@@ -48,7 +48,7 @@ def set_tokens(first: int, step: int, count: int, order: torch.Tensor | None,
 def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int,
                    set_a: tuple[int, int, int], set_b: tuple[int, int, int], r: int,
                    num_prefix: int) -> MergePlan | None:
-    """The plan of :func:`pitome.core.matching.match_top_edges` on sets given by position.
+    """The plan of :func:`pitome.algorithms.matching.match_top_edges` on sets given by position.
 
     ``metric`` is ``B×n×d`` (the non-prefix tokens), or ``B×n×H×d`` per-head keys whose mean
     is the metric; ``order`` (``B×n``, or None for token order) lists the tokens, of which

@@ -10,8 +10,8 @@ from ..kernels.bipartite import bipartite_plan, energy_bipartite_plan, set_token
 from ..kernels.energy import EnergyOptions, tokens_by_energy
 from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
-from .energy import head_mean
-from .plan import MergePlan, assemble
+from ..core.energy import head_mean
+from ..core.plan import MergePlan, assemble
 
 Split = Literal["alternate", "contiguous"]
 

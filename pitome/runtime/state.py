@@ -8,11 +8,11 @@ import torch
 
 from ..kernels.launch import fuses_head_mean
 from ..kernels.merge import merge_tokens
-from .attention import log_size_bias
+from ..core.attention import log_size_bias
 from .overlap import plan_ahead_enabled, side_stream
-from .plan import MergePlan
-from .registry import Algorithm, MergeContext
-from .schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
+from ..core.plan import MergePlan
+from ..core.registry import Algorithm, MergeContext
+from ..core.schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,20 @@ class MergeState:
             self.source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens)
         self.plans: dict[int, MergePlan] = {}
         self.planned_ahead: dict[int, MergePlan] = {}
+        # Activation checkpointing runs a block again in backward, after the forward has
+        # moved on: what entered each block, and its plan, replay it as it first ran.
+        self._entering: dict[int, tuple] = {}
+        self._replay_plans: dict[int, MergePlan] = {}
+        self._replaying = False
+
+    def enter(self, block: int) -> None:
+        """Call as a block starts: a block entered before (a recomputation by activation
+        checkpointing) sees the sizes, sources and padding it saw then, and its plan."""
+        self._replaying = block in self._entering
+        if self._replaying:
+            self.sizes, self.source, self.padding = self._entering[block]
+        else:
+            self._entering[block] = (self.sizes, self.source, self.padding)
 
     def _rows_by_length(self, padding: torch.Tensor) -> dict[int, tuple[torch.Tensor, list[int]]]:
         """Rows grouped by real length, each with its token count entering every block."""
@@ -112,7 +126,7 @@ class MergeState:
     @property
     def needs_attention(self) -> bool:
         """Whether this block's algorithm wants the attention received by each token."""
-        return getattr(self.config.algorithm, "needs_attention", False)
+        return self.config.algorithm.needs_attention
 
     def keys_metric(self, head_keys: torch.Tensor, block: int) -> torch.Tensor | None:
         """What :meth:`merge_residual` takes as ``keys`` for this block's ``B×H×T×d``
@@ -124,19 +138,19 @@ class MergeState:
     def _metric_of_keys(self, head_keys: torch.Tensor) -> torch.Tensor:
         """The keys' head mean (``B×T×d``); or, for an algorithm that takes head keys, the
         keys themselves as ``B×T×H×d``, averaged by its kernels as they read them."""
-        if getattr(self.config.algorithm, "takes_head_keys", False) and fuses_head_mean(head_keys):
+        if self.config.algorithm.takes_head_keys and fuses_head_mean(head_keys):
             return head_keys.transpose(1, 2)
         return head_keys.mean(dim=1)
 
     def plan_ahead(self, head_keys: torch.Tensor, block: int) -> bool:
         """Start planning this block's merge from its ``B×H×T×d`` attention keys on a side
-        CUDA stream (see :mod:`pitome.core.overlap`), to run while the attention does.
+        CUDA stream (see :mod:`pitome.runtime.overlap`), to run while the attention does.
 
         Returns whether it did. Then :meth:`merge_residual` takes no keys and waits for the
         plan; otherwise the keys' head mean is passed to it and the plan is made there.
         """
         r = self.merges[block]
-        if (r == 0 or self.config.metric != "keys" or self.padding is not None
+        if (r == 0 or self._replaying or self.config.metric != "keys" or self.padding is not None
                 or self.needs_attention or not plan_ahead_enabled(head_keys)):
             return False
         main = torch.cuda.current_stream(head_keys.device)
@@ -167,6 +181,8 @@ class MergeState:
         plan = self.planned_ahead.pop(block, None)
         if plan is not None:
             torch.cuda.current_stream(x.device).wait_stream(side_stream(x.device))
+        elif self._replaying and block in self._replay_plans:
+            plan = self._replay_plans[block]
         elif metric is None:
             raise ValueError(f"block {block} was not planned ahead, so merging needs its metric")
         if self.padding is not None:
@@ -175,6 +191,8 @@ class MergeState:
             x, metric, self.sizes, self.source, r, block, attention, residual, plan)
         if self.config.keep_plans:
             self.plans[block] = plan
+        if torch.is_grad_enabled():
+            self._replay_plans[block] = plan
         return x
 
     def merge_residual(self, x: torch.Tensor, residual: torch.Tensor, keys: torch.Tensor | None,
