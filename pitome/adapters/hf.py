@@ -32,10 +32,12 @@ from torch import nn
 
 from ..core.attention import multihead_attention
 from ..core.schedule import LinearMargin, MarginSpec
-from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer, ProjectionTap
+from ..kernels.attention import proportional_attention
+from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer, ProjectionTap, \
+    split_heads
 from ..runtime.patcher import Patch, class_names
 from ..runtime.session import Runtime, Session
-from ..runtime.state import MergeConfig
+from ..runtime.state import MergeConfig, MergeState
 from .base import UnsupportedModelError
 
 TESTED = "transformers 4.45, 4.57 and 5.24"
@@ -138,16 +140,17 @@ class MergingFusedQKVLayer(MergingLayer):
         bias = state.attention_bias(hidden_states.dtype)
         attention = self.self_attn
         h = self.layer_norm1(hidden_states)
-        h = attention(hidden_states=h)[0] if bias is None else biased_attention(attention, h, bias)
+        h = attention(hidden_states=h)[0] if bias is None else biased_attention(attention, h, state)
         x = self._pitome_merge(session, hidden_states, bias, attention.scale, h)
         return x + self.mlp(self.layer_norm2(x))
 
 
-def biased_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Fused scaled-dot-product attention of a ``qkv``/``projection`` module with a key bias."""
-    q, k, v = attention.qkv(x).chunk(3, dim=-1)
-    out = multihead_attention(q, k, v, attention.num_heads, bias, _dropout(attention),
-                              attention.scale)
+def biased_attention(attention: nn.Module, x: torch.Tensor, state: MergeState) -> torch.Tensor:
+    """Proportional attention of a ``qkv``/``projection`` module (image tokens, never padded)
+    in the fused kernel where it runs."""
+    q, k, v = (split_heads(t, attention.num_heads) for t in attention.qkv(x).chunk(3, dim=-1))
+    sizes = state.sizes if state.config.prop_attn else None
+    out = proportional_attention(q, k, v, sizes, attention.scale, _dropout(attention))
     return attention.projection(out)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attention import multihead_attention
+from ..kernels.attention import proportional_attention
 from ..core.schedule import LinearMargin
 from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, MergingLayer, split_heads
 from ..runtime.patcher import Patch, class_names
@@ -45,7 +46,14 @@ def projected_attention(attention: nn.MultiheadAttention, x: torch.Tensor,
     if state.config.metric == "keys" and state.merges[block]:
         session.metric = state.keys_metric(split_heads(k, attention.num_heads), block)
     dropout = attention.dropout if attention.training else 0.0
-    out = multihead_attention(q, k, v, attention.num_heads, bias, dropout)
+    heads = attention.num_heads
+    if state.padding is None:  # proportional attention in the fused kernel where it runs
+        sizes = state.sizes if state.config.prop_attn else None
+        out = proportional_attention(split_heads(q, heads), split_heads(k, heads),
+                                     split_heads(v, heads), sizes, attention.head_dim ** -0.5,
+                                     dropout)
+    else:
+        out = multihead_attention(q, k, v, heads, bias, dropout)
     return attention.out_proj(out)
 
 
