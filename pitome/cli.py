@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .api import DEFAULT_RATIO
+from .cli_eval import algorithm_list
 from .core.registry import available_algorithms
 
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -144,19 +145,6 @@ def _model(args: argparse.Namespace):
     from .models import create_timm_model
 
     return create_timm_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
-
-
-def algorithm_list(text: str, extra: Sequence[str] = ()) -> list[str]:
-    """The comma-separated algorithm names of ``text``, each registered or one of ``extra``
-    (e.g. ``"none"``); an unknown name ends the command with the list of known ones."""
-    algos = [name.strip() for name in text.split(",") if name.strip()]
-    known = set(available_algorithms())
-    unknown = [name for name in algos
-               if name.replace("-", "_").lower() not in known and name not in extra]
-    if unknown:
-        raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; "
-                         f"available: {', '.join([*extra, *sorted(known)])}")
-    return algos
 
 
 def run_flops(args: argparse.Namespace) -> int:

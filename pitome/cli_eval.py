@@ -10,15 +10,30 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .api import DEFAULT_RATIO
+from .core.registry import available_algorithms
 
 TASKS = ("imagenet", "retrieval", "text", "vqa")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+
+def algorithm_list(text: str, extra: Sequence[str] = ()) -> list[str]:
+    """The comma-separated algorithm names of ``text``, each registered or one of ``extra``
+    (e.g. ``"none"``); an unknown name ends the command with the list of known ones."""
+    algos = [name.strip() for name in text.split(",") if name.strip()]
+    known = set(available_algorithms())
+    unknown = [name for name in algos
+               if name.replace("-", "_").lower() not in known and name not in extra]
+    if unknown:
+        raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; "
+                         f"available: {', '.join([*extra, *sorted(known)])}")
+    return algos
 
 def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
@@ -97,7 +112,6 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .cli import algorithm_list
     from .tasks.runner import ResultStore, grid, parse_list, run_grid, start_processes, \
         write_outputs
 

@@ -282,3 +282,28 @@ def test_a_layer_called_outside_its_model_says_so():
     pitome.patch(model, ratio=0.8)
     with pytest.raises(RuntimeError, match="outside its model's forward"):
         model.encoder.layer[1](torch.randn(1, 5, 64))
+
+
+@pytest.mark.parametrize("name", ["hf-BertModel", "hf-CLIPVisionModel", "open_clip-tok",
+                                  "timm-vit"])
+def test_a_forward_that_raises_leaves_no_session_behind(name):
+    from pitome.runtime.patcher import patch_of
+
+    row = TABLE[name]
+    model, batch = row.build(), row.inputs(3)
+    pitome.patch(model, algo="tome", ratio=0.8)
+    reference = _run(row, model, batch)
+    info = pitome.merge_info(model)
+    failing = [m for m in model.modules() if type(m).__name__.startswith("Merging")
+               and "Layer" in type(m).__name__ or "Block" in type(m).__name__][1]
+
+    def fail(module, args, out):
+        raise RuntimeError("injected")
+
+    handle = failing.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        _run(row, model, row.inputs(2))
+    handle.remove()
+    assert patch_of(model).runtime.current() is None
+    assert pitome.merge_info(model) is info  # a failed forward records nothing
+    assert torch.equal(_run(row, model, batch), reference)

@@ -234,3 +234,24 @@ def test_baselines_train_and_compile(algo):
 def test_dct_refuses_source_tracing():
     with pytest.raises(ValueError, match="no sources"):
         pitome.patch(build("vit"), algo="dct", trace_source=True)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("train", [False, True])
+def test_the_kept_attention_is_timms_own_on_every_variant(variant, fused, train):
+    """The adapter keeps one copy of timm's Attention forward (for the proportional-attention
+    kernel and the keys); with nothing merged yet it must be timm's forward, bit for bit."""
+    from pitome.adapters.timm_vit import attention_with_keys
+    from pitome.runtime.state import MergeState
+
+    model = build(variant)
+    x = torch.randn(2, 17, model.embed_dim, generator=torch.Generator().manual_seed(5))
+    pitome.patch(model, algo="pitome", ratio=0.9)
+    state = MergeState(pitome.merge_config(model), x, model.num_prefix_tokens, len(model.blocks))
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+        block.attn.train(train)
+        with torch.no_grad():
+            ours, keys, _ = attention_with_keys(block.attn, x, state, 0)
+            assert torch.equal(ours, block.attn(x))
+        assert keys is not None and keys.shape[:2] == (2, 17)

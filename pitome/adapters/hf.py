@@ -393,11 +393,16 @@ class HuggingFaceAdapter:
         return self.family(model).presets.get(algo, algo)  # type: ignore[union-attr]
 
     def stack(self, model: nn.Module) -> nn.ModuleList:
+        return self._stack_and_owner(model)[0]
+
+    def _stack_and_owner(self, model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
+        """The layer list, and the module whose forward loops over it."""
         family = self.family(model)
         for path in family.stack_paths:  # type: ignore[union-attr]
             layers = _attribute(model, path)
             if isinstance(layers, nn.ModuleList):
-                return layers
+                owner_path = path.rpartition(".")[0]
+                return layers, _attribute(model, owner_path) if owner_path else model
         raise UnsupportedModelError(
             f"{type(model).__name__} without its layer list at {' or '.join(family.stack_paths)} "
             f"(pitome is tested with {TESTED})", supported_lines())
@@ -421,11 +426,12 @@ class HuggingFaceAdapter:
 
     def patch(self, model: nn.Module, config: MergeConfig) -> Patch:
         family = self.family(model)
-        layers = self.stack(model)
+        layers, owner = self._stack_and_owner(model)
         kinds = self.check(model, layers)
         runtime = Runtime(config, family.num_prefix, len(layers),  # type: ignore[union-attr]
                           _heads(model, layers[0], kinds[0]))
         patch = Patch(self.name, runtime)
+        patch.hook(owner.register_forward_hook(runtime.end_forward, always_call=True))
         # transformers 4.x: layers that can output attentions return tuples
         returns_tuple = "output_attentions" in _forward_parameters(layers[0])
         for index, (layer, kind) in enumerate(zip(layers, kinds)):

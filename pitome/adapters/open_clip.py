@@ -90,8 +90,11 @@ class MergingTransformer:
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not self.batch_first:
             x = x.transpose(0, 1).contiguous()
-        for block in self.resblocks:
-            x = block(x, attn_mask=attn_mask)
+        try:
+            for block in self.resblocks:
+                x = block(x, attn_mask=attn_mask)
+        finally:
+            self.resblocks[0].__dict__[RUNTIME_ATTR].end_forward(self, None, None)
         return x if self.batch_first else x.transpose(0, 1)
 
 

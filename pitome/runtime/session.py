@@ -85,6 +85,14 @@ class Runtime:
         if self.current() is session:
             self._local.session = None
 
+    def end_forward(self, module: Any, args: Any, output: Any) -> None:
+        """A forward hook (``always_call=True``) on the module whose forward loops over the
+        blocks: ends a session its blocks left open, as a forward that raised between two
+        blocks does (one that ran its last block has closed it already)."""
+        session = self.current()
+        if session is not None:
+            self.close(session, completed=False)
+
     def info(self) -> MergeInfo | None:
         """What the last forward of this thread merged (of any thread, if this one ran none)."""
         return getattr(self._local, "info", None) or self.latest

@@ -105,7 +105,7 @@ class VQAEvaluation:
         self.title, self.setup = title, {"questions": len(questions), **(setup or {})}
 
     def _inputs(self, questions: list[Question]) -> tuple[dict | None, list[bool]]:
-        from ..adapters.llava import fit_image_placeholders
+        from ..llava import fit_image_placeholders
         from .runner import read_pictures
 
         pictures, readable = read_pictures([question.image for question in questions])
@@ -128,7 +128,7 @@ class VQAEvaluation:
         return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def __call__(self, cell) -> dict:
-        from ..adapters.llava import image_tokens
+        from ..llava import image_tokens
         from ..analysis.flops import counted_flops
         from .runner import apply_cell, evaluate_shard
 
