@@ -93,6 +93,7 @@ def test_planning_ahead_on_a_side_stream_merges_as_in_series(monkeypatch, algo, 
         return planned_ahead[-1]
 
     monkeypatch.setattr(MergeState, "plan_ahead", spy)
+    monkeypatch.setenv("PITOME_PLAN_AHEAD", "on")  # eager plans in series unless asked
     with torch.no_grad():
         ahead = model(x)
         ahead_plans = pitome.merge_info(model).plans
@@ -101,6 +102,13 @@ def test_planning_ahead_on_a_side_stream_merges_as_in_series(monkeypatch, algo, 
         in_series = model(x)
         series_plans = pitome.merge_info(model).plans
     assert any(planned_ahead) and not planned_ahead[-1]
+    monkeypatch.setenv("PITOME_PLAN_AHEAD", "auto")
+    with torch.no_grad():
+        planned_ahead.clear()
+        model(x)
+        assert not any(planned_ahead)  # eager: in series
+        assert torch.equal(CudaGraphForward(model, x)(x), in_series)
+        assert any(planned_ahead)  # captured: ahead
     assert torch.equal(ahead, in_series) and torch.equal(graphed, in_series)
     for block, plan in series_plans.items():
         assert torch.equal(ahead_plans[block].keep, plan.keep), block

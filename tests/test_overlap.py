@@ -25,5 +25,15 @@ def test_plans_run_in_series_on_cpu():
 
 def test_plan_ahead_setting_is_validated(monkeypatch):
     monkeypatch.setenv("PITOME_PLAN_AHEAD", "sometimes")
-    with pytest.raises(ValueError, match="PITOME_PLAN_AHEAD must be one of auto, off"):
+    with pytest.raises(ValueError, match="PITOME_PLAN_AHEAD must be one of auto, on, off"):
         plan_ahead_enabled(torch.zeros(1))
+
+
+def test_plans_run_ahead_only_while_a_graph_is_captured_unless_asked(monkeypatch):
+    cuda_keys = torch.zeros(1, device="meta")  # stands in for a CUDA tensor below
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    for capturing, mode, expected in [(False, "auto", False), (True, "auto", True),
+                                      (False, "on", True), (True, "off", False)]:
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        monkeypatch.setenv("PITOME_PLAN_AHEAD", mode)
+        assert plan_ahead_enabled(cuda_keys) is expected, (capturing, mode)
