@@ -26,7 +26,7 @@ from torch import nn
 
 import pitome
 from pitome.adapters.hf import HuggingFaceAdapter
-from pitome.bench import launch_time, time_forward
+from pitome.bench import inference_run, launch_time, time_forward
 from pitome.core.schedule import TokenSchedule, token_counts
 from pitome.cuda_graph import CudaGraphForward
 
@@ -117,7 +117,7 @@ def measure(name: str, batch: int, ratio: float, device: torch.device, dtype: to
         if cuda_graph:
             graph = CudaGraphForward(forward, pixels)
             runs[variant] = lambda graph=graph: graph(pixels)
-        eager = _inference(forward, pixels)
+        eager = inference_run(forward, pixels)
         eager()
         seconds = time_forward(eager, device, 3, repeats)
         host = launch_time(eager, device, repeats)
@@ -152,14 +152,6 @@ def measure(name: str, batch: int, ratio: float, device: torch.device, dtype: to
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
-
-
-def _inference(forward: Callable[[torch.Tensor], torch.Tensor],
-               pixels: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        with torch.inference_mode():
-            forward(pixels)
-    return run
 
 
 def table(rows: list[dict]) -> str:

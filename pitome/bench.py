@@ -236,7 +236,7 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
                 forward = torch.compile(forward)
             if cuda_graph:
                 forward = CudaGraphForward(forward, images)
-            run = _inference(forward, images)
+            run = inference_run(forward, images)
             run()
         variant = _Variant(algo, counts, merge_macs, run, peak.mib, seconds=[])
         if not cuda_graph:  # eager variants share the model: measured while patched in
@@ -266,8 +266,10 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
     return rows
 
 
-def _inference(forward: Callable[[torch.Tensor], torch.Tensor],
-               images: torch.Tensor) -> Callable[[], None]:
+def inference_run(forward: Callable[[torch.Tensor], torch.Tensor],
+                  images: torch.Tensor) -> Callable[[], None]:
+    """``forward(images)`` under inference mode, as a call of no arguments to time."""
+
     def run() -> None:
         with torch.inference_mode():
             forward(images)
