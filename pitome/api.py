@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapters import find_adapter
 from .core.registry import Algorithm, Method, get_method
-from .core.schedule import MarginSpec, RSpec, TokenSchedule
+from .core.schedule import MarginSpec, RSpec, TokenSchedule, check_margin
 from .runtime import patcher
 from .runtime.state import MergeConfig, MergeInfo
 
@@ -32,8 +32,9 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
             means the text variant, ``"pitome_text"``.
         ratio: fraction of mergeable tokens each block keeps, in [0.5, 1]; 1 merges nothing.
             Defaults to 0.9 unless ``r`` is given.
-        r: ToMe's alternative: tokens merged per block as an int, a per-block list, or
-            ``(r, inflection)``.
+        r: ToMe's alternative: tokens merged per block as an int, a per-block list, or a
+            2-tuple ``(r, inflection)`` (inflection in [-1, 1]; a 2-tuple is never read as
+            a per-block schedule). Numpy and 0-d tensor scalars are accepted throughout.
         prop_attn: add ``log size`` to attention logits; defaults to the algorithm's own.
         margin: PiToMe's energy margin, a float or per-block schedule; defaults to the model
             family's reference schedule (ViT ``0.75 − 0.75·i/L``, CLIP ``0.9 − 0.9·i/L``,
@@ -41,8 +42,8 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
         metric: what similarity is measured on: the attention ``"keys"`` averaged over heads,
             or the ``"hidden"`` state after the attention residual.
         trace_source: track which input tokens each output token holds (``merge_info``).
-        merge_blocks: merge only in these block indices; text models default to the first
-            three (the authors' text schedule), other models to all.
+        merge_blocks: merge only in these block indices (each in ``[0, depth)``); text
+            models default to the first three (the authors' text schedule), others to all.
         count_prefix: compute ``r`` from all tokens, prefix included (the authors' ToMe).
         keep_plans: keep every block's :class:`~pitome.core.plan.MergePlan` in ``merge_info``.
         **options: algorithm options (e.g. ``pool`` and ``energy`` for PiToMe).
@@ -54,6 +55,15 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
 
     Patching a model replaces any earlier patch of it or of its submodules.
     """
+    if not isinstance(algo, (str, Algorithm)):
+        raise TypeError(f"algo must be a registered algorithm's name (see "
+                        f"pitome.available_algorithms()) or a pitome.Algorithm, got {algo!r}")
+    for name, flag in (("trace_source", trace_source), ("keep_plans", keep_plans),
+                       ("prop_attn", prop_attn), ("count_prefix", count_prefix)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if margin is not None:
+        margin = check_margin(margin)
     adapter = find_adapter(model)
     method = _method(algo) if isinstance(algo, Algorithm) else \
         get_method(adapter.preset_for(model, algo))
@@ -62,7 +72,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
     if merge_blocks is None:
         merge_blocks = adapter.merge_blocks_for(model)
     schedule = TokenSchedule(
-        ratio=ratio, r=r, merge_blocks=None if merge_blocks is None else tuple(merge_blocks),
+        ratio=ratio, r=r, merge_blocks=merge_blocks,
         count_prefix=method.defaults.get("count_prefix", False) if count_prefix is None
         else count_prefix)
     if metric not in ("keys", "hidden"):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 RSpec = Union[int, Sequence[int], tuple[int, float]]
 MarginSpec = Union[float, Sequence[float], Callable[[int, int], float]]
@@ -13,16 +14,102 @@ MarginSpec = Union[float, Sequence[float], Callable[[int, int], float]]
 MIN_RATIO = 0.5
 
 
-def check_ratio(ratio: float) -> float:
-    """Validate ``ratio``, the fraction of tokens kept per block (SPEC §1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+R_FORMS = "an int, a list of ints (one per block) or a 2-tuple (r, inflection)"
+
+
+def scalar(value: Any) -> int | float | None:
+    """``value`` as a Python int or float if it is a real scalar (a Python, numpy or 0-d
+    tensor number, bools excluded), else None."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # 0-d tensor or array
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is an integral scalar (``8``, ``np.int64(8)``), else None."""
+    number = scalar(value)
+    return number if isinstance(number, int) else None
+
+
+def check_ratio(ratio: Any) -> float:
+    """Validate ``ratio``, the fraction of tokens kept per block; returns it as a float."""
+    number = scalar(ratio)
+    if number is None:
         raise TypeError(f"ratio must be a number in [{MIN_RATIO}, 1], got {ratio!r}")
+    ratio = float(number)
     if not MIN_RATIO <= ratio <= 1.0:
         raise ValueError(
             f"ratio={ratio} is out of range: it is the fraction of tokens kept per block and must "
             f"lie in [{MIN_RATIO}, 1] (below {MIN_RATIO} a bipartite matching cannot remove enough "
             "tokens; 1 disables merging)")
-    return float(ratio)
+    return ratio
+
+
+def check_r(r: Any) -> int | list[int] | tuple[int, float]:
+    """Validate ToMe's ``r``: tokens merged per block as an int, a list (one int per block),
+    or a 2-tuple ``(r, inflection)`` with ``inflection`` in [-1, 1]; returns it normalised."""
+    whole = _whole(r)
+    if whole is not None:
+        if whole < 0:
+            raise ValueError(f"r must be non-negative, got {r!r}")
+        return whole
+    if isinstance(r, tuple) and len(r) == 2:
+        count, inflection = _whole(r[0]), scalar(r[1])
+        if count is None or count < 0 or inflection is None or not -1.0 <= inflection <= 1.0:
+            raise ValueError(f"r={r!r}: a 2-tuple is (r, inflection), a non-negative int and a "
+                             "number in [-1, 1]; give a per-block schedule as a list")
+        return count, float(inflection)
+    if isinstance(r, (str, bytes)) or not isinstance(r, Sequence):
+        raise TypeError(f"r must be {R_FORMS}, got {r!r}")
+    values = [_whole(value) for value in r]
+    if any(value is None or value < 0 for value in values):
+        raise ValueError(f"r={r!r}: a per-block list holds non-negative ints (tokens merged "
+                         "in each block)")
+    return values  # type: ignore[return-value]
+
+
+def check_merge_blocks(blocks: Any) -> tuple[int, ...] | None:
+    """Validate ``merge_blocks``: None, or block indices (ints ≥ 0); returns a sorted tuple."""
+    if blocks is None:
+        return None
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence) \
+            and not isinstance(blocks, (set, frozenset)):
+        raise TypeError(f"merge_blocks must be a list of block indices, got {blocks!r}")
+    indices = [_whole(block) for block in blocks]
+    if any(index is None or index < 0 for index in indices):
+        raise ValueError(f"merge_blocks={list(blocks)!r}: block indices are ints from 0 (the "
+                         "first block)")
+    return tuple(sorted(set(indices)))  # type: ignore[arg-type]
+
+
+def check_margin(margin: Any) -> MarginSpec:
+    """Validate PiToMe's ``margin``: a number in [-1, 1], a per-block list of them, or a
+    callable ``(block, num_blocks) -> margin``; returns it normalised."""
+    if callable(margin):
+        return margin
+    number = scalar(margin)
+    if number is not None:
+        return _margin_value(number, margin)
+    if isinstance(margin, (str, bytes)) or not isinstance(margin, Sequence):
+        raise TypeError("margin must be a number in [-1, 1], a list of them (one per block) or "
+                        f"a callable (block, num_blocks) -> margin, got {margin!r}")
+    values = [scalar(value) for value in margin]
+    if any(value is None for value in values):
+        raise TypeError(f"margin={margin!r}: a per-block margin list holds numbers")
+    return [_margin_value(value, margin) for value in values]  # type: ignore[arg-type]
+
+
+def _margin_value(value: float, given: Any) -> float:
+    if not -1.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError(f"margin={given!r}: a margin is a cosine similarity threshold in "
+                         "[-1, 1]")
+    return float(value)
 
 
 def tokens_to_merge(num_tokens: int, ratio: float) -> int:
@@ -68,7 +155,22 @@ class TokenSchedule:
             raise ValueError("give exactly one of ratio (fraction of tokens kept) and r "
                              "(tokens merged per block)")
         if self.ratio is not None:
-            check_ratio(self.ratio)
+            object.__setattr__(self, "ratio", check_ratio(self.ratio))
+        else:
+            object.__setattr__(self, "r", check_r(self.r))
+        object.__setattr__(self, "merge_blocks", check_merge_blocks(self.merge_blocks))
+        if not isinstance(self.count_prefix, bool):
+            raise TypeError(f"count_prefix must be True or False, got {self.count_prefix!r}")
+
+    def check_depth(self, num_blocks: int) -> None:
+        """Raise ValueError unless the schedule fits a model of ``num_blocks`` blocks."""
+        outside = [block for block in self.merge_blocks or () if block >= num_blocks]
+        if outside:
+            raise ValueError(f"merge_blocks={list(self.merge_blocks)!r} names block(s) "
+                             f"{outside}, but the model has {num_blocks} blocks (0 to "
+                             f"{num_blocks - 1})")
+        if self.r is not None:
+            self._fixed_r(num_blocks)
 
     @property
     def is_identity(self) -> bool:
@@ -76,18 +178,16 @@ class TokenSchedule:
             return self.ratio >= 1.0
         if isinstance(self.r, int):
             return self.r == 0
-        if isinstance(self.r, tuple) and len(self.r) == 2 and isinstance(self.r[1], float):
+        if isinstance(self.r, tuple):
             return self.r[0] == 0
         return all(v == 0 for v in self.r)  # type: ignore[union-attr]
 
     def _fixed_r(self, num_blocks: int) -> list[int]:
         spec = self.r
-        if isinstance(spec, bool):
-            raise TypeError(f"r must be an int, a list of ints or (r, inflection), got {spec!r}")
         if isinstance(spec, int):
             values = [spec] * num_blocks
-        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], float):
-            values = linear_r(int(spec[0]), num_blocks, spec[1])
+        elif isinstance(spec, tuple):
+            values = linear_r(spec[0], num_blocks, spec[1])
         else:
             values = [int(v) for v in spec]  # type: ignore[union-attr]
             if len(values) > num_blocks:
@@ -155,5 +255,16 @@ def resolve_margin(margin: MarginSpec, block: int, num_blocks: int) -> float:
         return float(margin)
     values = list(margin)
     if len(values) != num_blocks:
-        raise ValueError(f"margin lists {len(values)} values but the model has {num_blocks} blocks")
+        raise ValueError(f"margin lists {len(values)} values but the model has {num_blocks} "
+                         "blocks: give one per block")
     return float(values[block])
+
+
+def check_margin_depth(margin: MarginSpec, num_blocks: int) -> None:
+    """Raise ValueError unless ``margin`` gives every one of ``num_blocks`` blocks a margin
+    in [-1, 1] (a callable is asked for each)."""
+    for block in range(num_blocks):
+        value = resolve_margin(margin, block, num_blocks)
+        if not -1.0 <= value <= 1.0:
+            raise ValueError(f"margin gives block {block} the value {value}; margins lie in "
+                             "[-1, 1]")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core.schedule import check_margin_depth
 from .state import MergeConfig, MergeInfo, MergeState
 
 
@@ -53,6 +54,8 @@ class Runtime:
 
     def __init__(self, config: MergeConfig, num_prefix: int, num_layers: int,
                  heads: int = 1) -> None:
+        config.schedule.check_depth(num_layers)
+        check_margin_depth(config.margin, num_layers)
         self.config, self.num_prefix, self.num_layers, self.heads = \
             config, num_prefix, num_layers, heads
         self.latest: MergeInfo | None = None
