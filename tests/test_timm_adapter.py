@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -255,3 +256,25 @@ def test_the_kept_attention_is_timms_own_on_every_variant(variant, fused, train)
             ours, keys, _ = attention_with_keys(block.attn, x, state, 0)
             assert torch.equal(ours, block.attn(x))
         assert keys is not None and keys.shape[:2] == (2, 17)
+
+
+def test_dense_feature_paths_refuse_rather_than_return_unmerged_features():
+    model = pitome.patch(build("vit"), ratio=0.8)
+    for call in (lambda: model.forward_intermediates(images(1)),
+                 lambda: model.get_intermediate_layers(images(1), n=2)):
+        with pytest.raises(NotImplementedError, match="no per-patch intermediate features"):
+            call()
+    pitome.unpatch(model)
+    assert len(model.get_intermediate_layers(images(1), n=2)) == 2
+
+
+def test_attention_pooling_is_said_to_ignore_sizes():
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(**TINY, global_pool="map", class_token=False).eval()
+    with pytest.warns(UserWarning, match="weighs each merged token once"):
+        pitome.patch(model, ratio=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pitome.patch(model, ratio=1.0)  # nothing merges: nothing to say

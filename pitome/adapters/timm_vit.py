@@ -9,6 +9,8 @@ key's logits (:func:`pitome.kernels.attention.proportional_attention`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -136,6 +138,14 @@ class MergingVisionTransformer:
             runtime.close(session, completed)
         return self.norm(x), state
 
+    def forward_intermediates(self, *args, **kwargs):
+        raise NotImplementedError(
+            "a merging ViT has fewer tokens than patches after its first merging block, so it "
+            "gives no per-patch intermediate features (forward_intermediates, "
+            "get_intermediate_layers); call pitome.unpatch(model) for dense features, or map "
+            "merged tokens back to patches with pitome.patch(..., trace_source=True) and "
+            "pitome.merge_info(model).source")
+
     def _pools_by_average(self) -> bool:
         return getattr(self, "attn_pool", None) is None and self.global_pool in ("avg", "avgmax")
 
@@ -187,6 +197,12 @@ class TimmVisionTransformerAdapter:
             config.schedule.plan(tokens, model.num_prefix_tokens, len(model.blocks))
         runtime = Runtime(config, model.num_prefix_tokens, len(model.blocks),
                           model.blocks[0].attn.num_heads)
+        if getattr(model, "attn_pool", None) is not None and not config.schedule.is_identity:
+            warnings.warn(
+                f"{type(model).__name__} pools with attention (global_pool="
+                f"{model.global_pool!r}), which weighs each merged token once, not by the "
+                "patches it holds; average pooling ('avg') and the class token are size-aware",
+                stacklevel=3)
         patch = Patch(self.name, runtime)
         for block in model.blocks:
             patch.swap(block, MergingBlock if "Block" in class_names(block) else MergingResPostBlock)
