@@ -7,10 +7,11 @@ from torch import nn
 from .base import Adapter, UnsupportedModelError
 from .hf import HuggingFaceAdapter
 from .open_clip import OpenClipAdapter
+from .sentence_transformers import SentenceTransformersAdapter
 from .timm_vit import TimmVisionTransformerAdapter
 
 ADAPTERS: list[Adapter] = [TimmVisionTransformerAdapter(), HuggingFaceAdapter(),
-                           OpenClipAdapter()]
+                           OpenClipAdapter(), SentenceTransformersAdapter()]
 
 
 def supported_models() -> list[str]:
