@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.attention import multihead_attention
+from ..core.attention import multihead_attention, split_heads
 from ..core.schedule import LinearMargin, MarginSpec
 from ..kernels.attention import proportional_attention
-from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer, ProjectionTap, \
-    split_heads
+from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer, ProjectionTap
 from ..runtime.patcher import Patch, class_names
 from ..runtime.session import Runtime, Session
 from ..runtime.state import MergeConfig, MergeState
@@ -204,9 +203,9 @@ class LayerKind:
     fused: bool = False  # query and key are the first two thirds of one ``qkv`` projection
     takes: str | None = None  # a parameter the layer's forward names (tells versions apart)
 
-    def tap(self, runtime: Runtime, block: int, what: str) -> ProjectionTap:
+    def tap(self, runtime: Runtime, what: str) -> ProjectionTap:
         part = (0 if what == "queries" else 1) if self.fused else None
-        return ProjectionTap(runtime, block, what, part)
+        return ProjectionTap(runtime, what, part)
 
 
 LAYER_KINDS = (
@@ -436,10 +435,10 @@ class HuggingFaceAdapter:
         returns_tuple = "output_attentions" in _forward_parameters(layers[0])
         for index, (layer, kind) in enumerate(zip(layers, kinds)):
             patch.hook(_attribute(layer, kind.key).register_forward_hook(
-                kind.tap(runtime, index, "keys")))
+                kind.tap(runtime, "keys")))
             if config.algorithm.needs_attention:
                 patch.hook(_attribute(layer, kind.query).register_forward_hook(
-                    kind.tap(runtime, index, "queries")))
+                    kind.tap(runtime, "queries")))
             patch.swap(layer, kind.mixin)
             patch.set(layer, RUNTIME_ATTR, runtime)
             patch.set(layer, INDEX_ATTR, index)

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import multihead_attention
-from ..kernels.attention import proportional_attention
+from ..core.attention import multihead_attention, split_heads
 from ..core.schedule import LinearMargin
-from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, MergingLayer, split_heads
+from ..kernels.attention import proportional_attention
+from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, MergingLayer
 from ..runtime.patcher import Patch, class_names
 from ..runtime.session import Runtime, Session
 from ..runtime.state import MergeConfig
@@ -40,11 +40,9 @@ def projected_attention(attention: nn.MultiheadAttention, x: torch.Tensor,
     through fused scaled-dot-product attention. The keys and queries go to the session as
     soon as they exist, so the block's plan can start before the attention."""
     q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
-    session.keys, session.queries = k, q
+    session.queries = q
+    session.hand_keys(k)
     state = session.state
-    block = session.block
-    if state.config.metric == "keys" and state.merges[block]:
-        session.metric = state.keys_metric(split_heads(k, attention.num_heads), block)
     dropout = attention.dropout if attention.training else 0.0
     heads = attention.num_heads
     if state.padding is None:  # proportional attention in the fused kernel where it runs
@@ -94,7 +92,7 @@ class MergingTransformer:
             for block in self.resblocks:
                 x = block(x, attn_mask=attn_mask)
         finally:
-            self.resblocks[0].__dict__[RUNTIME_ATTR].end_forward(self, None, None)
+            self.__dict__[RUNTIME_ATTR].end_forward(self, None, None)
         return x if self.batch_first else x.transpose(0, 1)
 
 
@@ -155,6 +153,7 @@ class OpenClipAdapter:
             patch.set(block, INDEX_ATTR, index)
             patch.set(block, STACK_ATTR, transformer)
         patch.swap(transformer, MergingTransformer)
+        patch.set(transformer, RUNTIME_ATTR, runtime)
         patch.swap(visual, MergingOpenClipVisionTransformer)
         patch.set(visual, RUNTIME_ATTR, runtime)
         return patch

@@ -11,6 +11,12 @@ def log_size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return sizes.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``B×T×C`` as ``B×H×T×(C/H)`` (a view)."""
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                         bias: torch.Tensor | None = None, dropout: float = 0.0,
                         scale: float | None = None) -> torch.Tensor:
@@ -21,11 +27,8 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     with the module's own weights and call this (the fused kernel still runs).
     """
     batch, tokens, _ = q.shape
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(batch, tokens, heads, -1).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias,
+    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads),
+                                         split_heads(v, heads), attn_mask=bias,
                                          dropout_p=dropout, scale=scale)
     return out.transpose(1, 2).reshape(batch, tokens, -1)
 

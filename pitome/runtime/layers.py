@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.attention import received_attention
+from ..core.attention import received_attention, split_heads
 from .session import Runtime, Session
 from .state import MergeState
 
@@ -39,13 +39,13 @@ def real_tokens(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tenso
 
 class ProjectionTap:
     """A forward hook on a key or query projection that hands its ``B×T×C`` output to the
-    running session; keys also start the block's plan (:meth:`MergeState.keys_metric`).
+    running session (keys through :meth:`Session.hand_keys`, which starts the block's plan).
 
     ``part`` picks the queries (0) or keys (1) out of a fused ``qkv`` projection.
     """
 
-    def __init__(self, runtime: Runtime, block: int, what: str, part: int | None = None) -> None:
-        self.runtime, self.block, self.what, self.part = runtime, block, what, part
+    def __init__(self, runtime: Runtime, what: str, part: int | None = None) -> None:
+        self.runtime, self.what, self.part = runtime, what, part
 
     def __call__(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
         session = self.runtime.current()
@@ -55,17 +55,8 @@ class ProjectionTap:
             out = out.chunk(3, dim=-1)[self.part]
         if self.what == "queries":
             session.queries = out
-            return
-        session.keys = out
-        state = session.state
-        if state.config.metric == "keys" and state.merges[self.block]:
-            session.metric = state.keys_metric(split_heads(out, self.runtime.heads), self.block)
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``B×T×C`` as ``B×H×T×(C/H)`` (a view)."""
-    batch, tokens, width = x.shape
-    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+        else:
+            session.hand_keys(out)
 
 
 def checkpointing(layer: nn.Module) -> bool:

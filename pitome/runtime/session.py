@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core.attention import split_heads
 from ..core.schedule import check_margin_depth
 from .state import MergeConfig, MergeInfo, MergeState
 
@@ -39,6 +40,14 @@ class Session:
         self.state = MergeState(runtime.config, x, runtime.num_prefix, runtime.num_layers,
                                 padding=padding)
         return self.state
+
+    def hand_keys(self, keys: torch.Tensor) -> None:
+        """The running block's ``B×T×C`` attention keys, as soon as they exist: kept (for
+        the attention some algorithms read), and the block's plan started from them."""
+        self.keys = keys
+        state = self.state
+        if state.config.metric == "keys" and state.merges[self.block]:
+            self.metric = state.keys_metric(split_heads(keys, self.runtime.heads), self.block)
 
 
 class Runtime:

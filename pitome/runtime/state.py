@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.launch import fuses_head_mean
-from ..kernels.merge import merge_tokens
 from ..core.attention import log_size_bias
-from .overlap import plan_ahead_enabled, side_stream
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
 from ..core.schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
+from ..kernels.launch import fuses_head_mean
+from ..kernels.merge import merge_tokens
+from .overlap import plan_ahead_enabled, side_stream
 
 
 @dataclass(frozen=True)
