@@ -9,6 +9,7 @@ the defaults that belong to it (proportional attention, ratio convention), so
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ class MergeContext:
     attention: torch.Tensor | None = None
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Base of every merging algorithm: plans one block's merge from the ``B×T×d`` metric.
 
     Subclasses implement ``__call__`` and declare what they need as class (or instance)
@@ -64,8 +65,9 @@ class Algorithm:
     takes_head_keys: bool = False
     traceable: bool = True
 
+    @abstractmethod
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
-        raise NotImplementedError
+        """The plan removing ``ctx.r`` tokens of this block."""
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
         """Metric rows compared per image to plan a block of ``mergeable`` tokens (FLOPs);
