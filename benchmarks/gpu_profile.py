@@ -1,7 +1,7 @@
 """Where the time of a merged ViT goes on a GPU: oracle, variants, and a kernel profile.
 
 The oracle runs the same token schedule with zero merge cost (it keeps the first ``n``
-tokens after each attention): the physical limit of that schedule (SPEC §11).
+tokens after each attention): the physical limit of that schedule (docs/method.md §9).
 
     python benchmarks/gpu_profile.py --model vit_base_patch16_224 --batch 256
 """

@@ -124,7 +124,7 @@ def oracle_forward(model: nn.Module, counts: Sequence[int]) -> Callable[[torch.T
 
     After each block's attention it keeps the first ``n`` tokens, a free slice, so it runs
     the same shapes as a merged model without any merging work: the speed limit of the
-    schedule (SPEC §11). Its outputs are meaningless.
+    schedule (docs/method.md §9). Its outputs are meaningless.
     """
     for index, block in enumerate(model.blocks):
         if type(block).__name__ != "Block":

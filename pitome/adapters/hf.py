@@ -242,7 +242,7 @@ class Family:
     cross_attends: bool = False  # a text encoder cross-attends to the merged image tokens
 
 
-# Margins and text settings: SPEC §3 and §5 (the authors' reference values per family).
+# Margins and text settings: docs/method.md §3 and §5 (the authors' reference values per family).
 VISION_MARGIN = LinearMargin(0.75, 0.75)
 CLIP_MARGIN = LinearMargin(0.9, 0.9)
 TEXT_MARGIN = LinearMargin(0.9, 0.25)

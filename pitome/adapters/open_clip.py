@@ -125,7 +125,7 @@ class OpenClipAdapter:
         return _is_open_clip(model) and _is_open_clip(getattr(model, "visual", model))
 
     def margin_for(self, model: nn.Module) -> LinearMargin:
-        return LinearMargin(0.9, 0.9)  # the authors' CLIP schedule (SPEC §3)
+        return LinearMargin(0.9, 0.9)  # the authors' CLIP schedule (docs/method.md §3)
 
     def merge_blocks_for(self, model: nn.Module) -> None:
         return None

@@ -18,11 +18,11 @@ register("pitome", tome_then_pitome, "the default: ToMe matching in the first ha
          "PiToMe after, proportional attention (chosen by measurement, docs/defaults.md)",
          defaults={"prop_attn": True})
 register("pitome_paper", PiToMe, "PiToMe as the paper states it: energy-protected, all of set A "
-         "merges, every block (SPEC §3-4)", defaults={"prop_attn": False}, pool=1.0)
+         "merges, every block (docs/method.md §3-4)", defaults={"prop_attn": False}, pool=1.0)
 register("pitome_deit", authors_deit, "the PiToMe authors' DeiT setting: BSM-PiToMe in the first "
-         "half of the blocks, PiToMe after (SPEC §5)", defaults={"prop_attn": False})
+         "half of the blocks, PiToMe after (docs/method.md §5)", defaults={"prop_attn": False})
 register("pitome_mae", authors_mae, "the PiToMe authors' MAE setting: PiToMe in the first half of "
-         "the blocks, BSM-PiToMe after (SPEC §5)", defaults={"prop_attn": False})
+         "the blocks, BSM-PiToMe after (docs/method.md §5)", defaults={"prop_attn": False})
 register("bsm_pitome", PiToMe, "the authors' BSM-PiToMe: energy-ordered A/B split over all tokens, "
          "ToMe's top-r edges, nothing protected", defaults={"prop_attn": False}, pool=math.inf)
 register("pitome_text", PiToMe, "PiToMe for text: Gaussian energy, contiguous A/B split "

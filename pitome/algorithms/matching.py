@@ -95,7 +95,7 @@ def match_top_edges(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tens
     the highest cosine similarity merge, the other A tokens stay. ``metric`` holds the
     metrics of the non-prefix tokens; indices are relative to them. ``protected`` tokens
     take part in nothing and pass unchanged. When ``|A| = r`` every A token merges, which is
-    PiToMe's rule (SPEC §4 step 3).
+    PiToMe's rule (docs/method.md §4 step 3).
     """
     if padding is None:
         best_score, best_b = best_partner(metric, a_idx, b_idx)

@@ -19,7 +19,7 @@ from .tome import ToMe
 class PiToMe(Algorithm):
     """Spectrum-preserving token merging, Tran et al. 2024, Eq. (4)-(6) and Alg. 1.
 
-    1. Energy ``E_i`` of every non-prefix token from its cosine row (SPEC §3).
+    1. Energy ``E_i`` of every non-prefix token from its cosine row (docs/method.md §3).
     2. Tokens sorted by energy; the top ``pool·2r`` form the mergeable pool, the rest are
        protected and pass unchanged.
     3. The pool splits into A and B, alternating over the energy order (``split="alternate"``,
@@ -110,7 +110,7 @@ def tome_then_pitome(energy: EnergyKind = "elu", switch: float = 0.5, pool: floa
     Early blocks' keys describe local appearance, where ToMe's spatially interleaved split
     finds each token a close partner; later blocks form semantic clusters, where the energy
     score tells redundant tokens from informative ones. The PiToMe authors run this schedule
-    for Hugging Face CLIP (SPEC §5); on ViT-Tiny it was the one PiToMe schedule that matched
+    for Hugging Face CLIP (docs/method.md §5); on ViT-Tiny it was the one PiToMe schedule that matched
     or beat ToMe at every ratio measured (docs/defaults.md).
     """
     return Hybrid(ToMe(), PiToMe(energy, pool=pool, size_weighted=size_weighted), switch)

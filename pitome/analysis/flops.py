@@ -1,4 +1,4 @@
-"""Analytic multiply-accumulate counts of a ViT under a token schedule (SPEC §7).
+"""Analytic multiply-accumulate counts of a ViT under a token schedule (docs/method.md §7).
 
 timm and fvcore report multiply-accumulates as "FLOPs"; so do we. Per block with ``N``
 tokens in, ``N′`` out, width ``C`` and MLP hidden width ``H``: attention ``4NC² + 2N²C``
@@ -160,7 +160,7 @@ def flops(model: nn.Module, inputs) -> FlopsReport:
     ``inputs``, per image.
 
     Runs one forward to read the token counts the merges produced, then counts analytically
-    (SPEC §7): attention ``4NC² + 2N²C``, MLP ``2N′CH``, plus patch embedding, head and, apart,
+    (docs/method.md §7): attention ``4NC² + 2N²C``, MLP ``2N′CH``, plus patch embedding, head and, apart,
     the merge's own similarity products.
     """
     import torch

@@ -34,7 +34,7 @@ def energy_score(similarity: torch.Tensor, margin: float, kind: EnergyKind = "el
                  alpha: float = 1.0, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Energy of each token from its ``B×T×T`` similarity row (diagonal included).
 
-    ``elu`` (vision, SPEC §3): ``E_i = 1/T Σ_j ELU_α(S_ij − m)``: neighbours above the margin add
+    ``elu`` (vision, docs/method.md §3): ``E_i = 1/T Σ_j ELU_α(S_ij − m)``: neighbours above the margin add
     their excess similarity, the others a bounded negative. ``gaussian`` (text, the reference
     code): ``E_i = 1/T Σ_j exp(−½((1 − S_ij)/σ)²)`` with ``σ = 1 − m``. High energy means a
     token sits in a large cluster and is safe to merge.

@@ -123,7 +123,7 @@ class MergePlan:
     def weighted_mean(self, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted average of every merged group; returns the new tokens and sizes.
 
-        ``x′ = Σ s·x / Σ s`` over each group, ``s′ = Σ s`` (SPEC §4 step 4). Only the merged
+        ``x′ = Σ s·x / Σ s`` over each group, ``s′ = Σ s`` (docs/method.md §4 step 4). Only the merged
         rows are computed: a destination ``d`` becomes ``x_d + Σ_i s_i (x_i − x_d) / s′_d``
         over its sources ``i``, which is the same average, while every other token is a
         plain copy. The corrections are computed in at least float32.

@@ -27,7 +27,7 @@ class MergeContext:
         r: tokens to remove in this block (0 < 2r ≤ mergeable tokens).
         num_prefix: leading tokens (CLS, distillation, registers) that never merge.
         block: index of the block; ``num_blocks`` the model's depth.
-        margin: the energy margin for this block (SPEC §3); algorithms without one ignore it.
+        margin: the energy margin for this block (docs/method.md §3); algorithms without one ignore it.
         sizes: ``B×T×1`` tokens represented by each token, or None while all are 1.
         padding: ``B×T`` bool, True for real tokens, or None when nothing is padded.
         attention: ``B×T`` attention each token receives from the first prefix token (CLS),

@@ -238,7 +238,7 @@ def token_counts(num_tokens: int, merges: Sequence[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class LinearMargin:
-    """Margin falling linearly with depth: ``m_i = start − drop·i/L`` (SPEC §3)."""
+    """Margin falling linearly with depth: ``m_i = start − drop·i/L`` (docs/method.md §3)."""
 
     start: float
     drop: float

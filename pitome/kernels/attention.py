@@ -1,4 +1,4 @@
-"""Proportional attention (ToMe §3, SPEC §4) without leaving a flash-style kernel.
+"""Proportional attention (ToMe §3, docs/method.md §4) without leaving a flash-style kernel.
 
 ``softmax(q kᵀ/√d + log s) v`` weighs each key by the number of input tokens it holds.
 Through ``scaled_dot_product_attention`` the ``log s`` bias takes PyTorch off its flash
