@@ -15,62 +15,55 @@ from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_RATIO
-from .core.registry import available_algorithms
+from .cli_common import (METHOD_DOC, HelpFormatter, UsageError, add_algos, add_device,
+                         add_weights, algorithm_list, at_least, ratio_list, weights_label)
 
 TASKS = ("imagenet", "retrieval", "text", "vqa")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RANDOM_WEIGHTS_TITLE = "RANDOM WEIGHTS, the accuracy means nothing: "
 
 
-
-def algorithm_list(text: str, extra: Sequence[str] = ()) -> list[str]:
-    """The comma-separated algorithm names of ``text``, each registered or one of ``extra``
-    (e.g. ``"none"``); an unknown name ends the command with the list of known ones."""
-    algos = [name.strip() for name in text.split(",") if name.strip()]
-    known = set(available_algorithms())
-    unknown = [name for name in algos
-               if name.replace("-", "_").lower() not in known and name not in extra]
-    if unknown:
-        raise SystemExit(f"pitome: unknown algorithm(s) {unknown}; "
-                         f"available: {', '.join([*extra, *sorted(known)])}")
-    return algos
-
-def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+def add_eval_parser(commands: argparse._SubParsersAction,
+                    shared: argparse.ArgumentParser) -> None:
     evaluate = commands.add_parser(
         "eval", help="accuracy, GFLOPs and speed across merge ratios on your data",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
+        description=__doc__.split("\n\n")[1] if __doc__ else None, parents=[shared],
+        formatter_class=HelpFormatter)
     tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
 
+    def task(name: str, **kwargs) -> argparse.ArgumentParser:
+        return tasks.add_parser(name, parents=[shared], formatter_class=HelpFormatter, **kwargs)
+
     def common(task: argparse.ArgumentParser, default_algos: str = "none,pitome,tome") -> None:
-        task.add_argument("--algo", default=default_algos,
-                          help="comma-separated algorithms, 'none' for the unmerged model "
-                               "(default: %(default)s)")
-        task.add_argument("--ratio", default="0.9,0.925,0.95,0.975",
-                          help="comma-separated keep ratios (default: %(default)s)")
+        add_algos(task, default_algos)
+        task.add_argument("--ratio", "--ratios", dest="ratio", type=ratio_list,
+                          default="0.9,0.925,0.95,0.975",
+                          help="comma-separated keep ratios, each in [0.5, 1] "
+                               f"({METHOD_DOC} §1)")
         task.add_argument("--out", help="output folder (default: results/eval-TASK)")
-        task.add_argument("--batch-size", type=int, default=32)
-        task.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+        task.add_argument("--batch-size", "--batch", dest="batch_size", type=at_least(1),
+                          default=32, help="examples per forward")
+        add_device(task)
         task.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                          help="autocast precision (default: fp32)")
-        task.add_argument("--limit", type=int, help="evaluate only the first N examples")
+                          help="autocast precision")
+        task.add_argument("--limit", type=at_least(1), help="evaluate only the first N examples")
         task.add_argument("--fresh", action="store_true",
-                          help="ignore finished cells in the output folder")
+                          help="start a new results.json even if the output folder holds one "
+                               "(the old one is kept as results.previous-N.json)")
         task.add_argument("--no-plot", action="store_true", help="skip results.png")
 
-    imagenet = tasks.add_parser(
+    imagenet = task(
         "imagenet", help="top-1/top-5 of a timm classifier on an image folder",
         description="An ImageFolder tree (SYNSET/file) with optional classes.tsv, or a "
                     "labels.tsv of path and label; the model's own timm preprocessing.")
     imagenet.add_argument("--data", required=True, help="image folder")
     imagenet.add_argument("--model", required=True, help="timm model name")
-    weights = imagenet.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", metavar="FILE", help="weights file")
-    weights.add_argument("--pretrained", action="store_true", help="download timm weights")
-    imagenet.add_argument("--cache-limit", type=int, default=2000,
-                          help="keep decoded images in memory up to this many (default: 2000)")
+    add_weights(imagenet, random_by_default=False)
+    imagenet.add_argument("--cache-limit", type=at_least(0), default=2000,
+                          help="keep decoded images in memory up to this many")
     common(imagenet)
 
-    text = tasks.add_parser(
+    text = task(
         "text", help="accuracy of a text classifier, or of a sentence encoder with a probe",
         description="TSV/CSV files with a text and a label column (or a Hugging Face dataset "
                     "as NAME[/CONFIG]:SPLIT when the hub is reachable). A sequence-"
@@ -82,24 +75,25 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
                       help="Hugging Face name or folder; 'minilm' for the bundled "
                            "all-MiniLM-L6-v2 (pitome[text-model])")
     text.add_argument("--probe-train", metavar="FILE", help="fit a probe on this file")
-    text.add_argument("--probe-limit", type=int, default=5000,
-                      help="probe training examples used (default: 5000)")
-    text.add_argument("--text-column", default="sentence")
-    text.add_argument("--label-column", default="label")
-    text.add_argument("--max-length", type=int, default=128)
+    text.add_argument("--probe-limit", type=at_least(2), default=5000,
+                      help="probe training examples used")
+    text.add_argument("--text-column", default="sentence", help="column holding the text")
+    text.add_argument("--label-column", default="label", help="column holding the label")
+    text.add_argument("--max-length", type=at_least(2), default=128,
+                      help="tokens per text, longer ones are truncated")
     common(text)
 
-    retrieval = tasks.add_parser(
+    retrieval = task(
         "retrieval", help="image-text retrieval recall (R@1/5/10 both ways) with CLIP or BLIP",
         description="A Karpathy-split JSON (dataset_flickr30k.json style, or a list of "
                     "{image, caption}) and the image folder it refers to.")
     retrieval.add_argument("--data", required=True, help="annotation JSON")
     retrieval.add_argument("--images", required=True, help="image folder")
-    retrieval.add_argument("--split", default="test")
+    retrieval.add_argument("--split", default="test", help="the Karpathy split to evaluate")
     retrieval.add_argument("--model", required=True, help="Hugging Face CLIP or BLIP name/folder")
     common(retrieval)
 
-    vqa = tasks.add_parser(
+    vqa = task(
         "vqa", help="LLaVA-1.5 answers on a JSONL of questions (exact match / option letter)",
         description="One JSON object per line: image (path), question, answer, and for "
                     "multiple choice a list of choices (answer: letter, index or text).")
@@ -107,26 +101,26 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     vqa.add_argument("--images", help="folder image paths are relative to (default: the "
                                       "JSONL's folder)")
     vqa.add_argument("--model", required=True, help="Hugging Face LLaVA name or folder")
-    vqa.add_argument("--max-new-tokens", type=int, default=16)
+    vqa.add_argument("--max-new-tokens", type=at_least(1), default=16,
+                     help="longest answer generated")
     common(vqa, default_algos="none,pitome")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .tasks.runner import ResultStore, grid, parse_list, run_grid, start_processes, \
-        write_outputs
+    from .tasks.runner import ResultStore, grid, run_grid, start_processes, write_outputs
 
-    processes = start_processes(args.device)
-    algos = algorithm_list(args.algo, extra=("none",))
-    try:
-        ratios = parse_list(args.ratio, float)
-    except ValueError as error:
-        raise SystemExit(f"pitome: bad --ratio list: {error}") from error
-    cells = grid(algos, ratios or [DEFAULT_RATIO])
+    algos = algorithm_list(args.algos, extra=("none",))
+    weights = weights_label(args) if args.task == "imagenet" else None
+    cells = grid(algos, args.ratio)
     out = Path(args.out or f"results/eval-{args.task}")
+    processes = start_processes(args.device)
     task = _build_task(args, processes)
-    setup = {"task": args.task, "model": args.model, "data": str(args.data),
-             "limit": args.limit, "dtype": args.dtype, **task.setup}
-    store = ResultStore(out, setup, fresh=args.fresh)
+    if weights == "random weights":
+        task.title = RANDOM_WEIGHTS_TITLE + task.title
+    setup = {"task": args.task, "model": args.model, "data": _where(args.data),
+             "limit": args.limit, "dtype": args.dtype,
+             **{key: _where(value) for key, value in task.setup.items()}}
+    store = ResultStore(out, setup, fresh=args.fresh, owner=processes.is_main)
     run_grid(task, cells, store, processes)
     if processes.is_main:
         print(write_outputs(store, cells, task.columns, task.metric, task.metric_label,
@@ -136,6 +130,13 @@ def run_eval(args: argparse.Namespace) -> int:
     if processes.world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _where(value):
+    """A path the same however it was typed (relative or absolute); other values as given."""
+    if isinstance(value, str) and value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def _build_task(args: argparse.Namespace, processes):
@@ -156,6 +157,7 @@ def _build_task(args: argparse.Namespace, processes):
 
 
 def _imagenet(args: argparse.Namespace, processes, dtype):
+    weights = weights_label(args)
     from .models import create_timm_model
     from .tasks.image_classification import ImageNetEvaluation, read_image_folder
 
@@ -165,4 +167,4 @@ def _imagenet(args: argparse.Namespace, processes, dtype):
     title = (f"{args.model} on {len(items)} images of {args.data}; GFLOPs = "
              "multiply-accumulates per image (timm's convention)")
     return ImageNetEvaluation(model, items, processes, args.batch_size, args.cache_limit, dtype,
-                              title=title, setup={"checkpoint": args.checkpoint})
+                              title=title, setup={"weights": weights})

@@ -28,8 +28,21 @@ def create_timm_model(name: str, checkpoint: str | Path | None = None,
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         model = timm.create_model(name, pretrained=pretrained)
     if checkpoint is not None:
-        model.load_state_dict(load_state_dict(checkpoint))
+        state = load_state_dict(checkpoint)
+        missing, unexpected = model.state_dict().keys() - state, state.keys() - model.state_dict()
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {checkpoint} does not fit {name}: "
+                             f"{_some(missing, 'missing')}{_some(unexpected, 'unexpected')}"
+                             .rstrip("; "))
+        model.load_state_dict(state)
     return model.float().eval()
+
+
+def _some(keys, what: str, shown: int = 3) -> str:
+    if not keys:
+        return ""
+    names = ", ".join(sorted(keys)[:shown]) + (", ..." if len(keys) > shown else "")
+    return f"{len(keys)} {what} key(s) ({names}); "
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -39,9 +52,27 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         safetensors_torch = require("safetensors.torch", "timm")
-        state = safetensors_torch.load_file(str(path))
+        try:
+            state = safetensors_torch.load_file(str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError
+            raise ValueError(f"checkpoint {path} is not a readable .safetensors file "
+                             f"({error})") from error
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state))
+        import pickle
+
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"checkpoint {path} is not a plain state dict that loads without running code "
+                f"({first}); save weights with torch.save(model.state_dict(), path) or as "
+                ".safetensors") from error
+        if isinstance(state, dict):
+            state = state.get("state_dict", state.get("model", state))
+        if not isinstance(state, dict) or not all(
+                isinstance(value, torch.Tensor) for value in state.values()):
+            raise ValueError(f"checkpoint {path} holds {type(state).__name__}, not a state dict "
+                             "of tensors")
     return {key: value.float() if value.is_floating_point() else value
             for key, value in state.items()}

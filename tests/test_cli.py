@@ -71,11 +71,6 @@ def test_launch_time_is_for_gpus():
     assert launch_time(lambda: None, torch.device("cpu"), 3) is None
 
 
-def test_bench_rejects_unknown_algorithms():
-    with pytest.raises(SystemExit, match="unknown algorithm"):
-        main(["bench", "--model", TINY_MODEL, "--algos", "none,nope"])
-
-
 def test_algorithms_command(capsys):
     assert main(["algorithms"]) == 0
     assert "pitome_paper" in capsys.readouterr().out
@@ -102,7 +97,7 @@ def small_image_folder(root, count=2):
 def test_spectrum_command(tmp_path, capsys):
     folder = small_image_folder(tmp_path / "images")
     assert main(["spectrum", "--model", TINY_MODEL, "--images", str(folder), "--algos",
-                 "pitome_paper,tome", "--limit", "2", "--ratio", "0.9"]) == 0
+                 "pitome_paper,tome", "--limit", "2", "--ratio", "0.9", "--random-weights"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "spectral distance" in lines[0]
     assert "from input" in lines[1]
@@ -120,7 +115,7 @@ def test_visualize_command(tmp_path):
     image = next(folder.rglob("*.png"))
     out = tmp_path / "merges.png"
     assert main(["visualize", str(image), "--model", TINY_MODEL, "--algos", "pitome,tome",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--random-weights"]) == 0
     with Image.open(out) as picture:
         assert picture.size == (3 * 224 + 2 * 8, 224 + 16)
 
@@ -133,5 +128,5 @@ def test_bench_rounds_time_each_method_again(monkeypatch):
     main(["bench", "--model", TINY_MODEL, "--batch", "1", "--warmup", "0", "--repeats", "1",
           "--algos", "none,tome", "--rounds", "3", "--json"])
     assert len(timed) == 6 and len(set(timed[:3])) == 1 and len(set(timed[3:])) == 1
-    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+    with pytest.raises(SystemExit):
         main(["bench", "--model", TINY_MODEL, "--rounds", "0"])

@@ -35,8 +35,12 @@ def test_result_store_resumes_only_the_same_setup(tmp_path):
     store.save(Cell("tome", 0.9), {"top1": 50.0})
     again = ResultStore(tmp_path, {"task": "imagenet", "model": "m"})
     assert again.done(Cell("tome", 0.9)) and not again.done(Cell("tome", 0.95))
-    other = ResultStore(tmp_path, {"task": "imagenet", "model": "another"})
-    assert not other.done(Cell("tome", 0.9))
+    with pytest.raises(ValueError, match="another setup.*model: 'm' there, 'another' now"):
+        ResultStore(tmp_path, {"task": "imagenet", "model": "another"})
+    fresh = ResultStore(tmp_path, {"task": "imagenet", "model": "another"}, fresh=True)
+    assert not fresh.done(Cell("tome", 0.9))
+    kept = json.loads((tmp_path / "results.previous-1.json").read_text())
+    assert kept["cells"]["tome@0.9"]["top1"] == 50.0
     table = format_table(again.rows([Cell("tome", 0.9)]), [("top1", "top-1", ".1f")])
     assert table.splitlines()[-1].split() == ["tome", "0.9", "50.0"]
 
@@ -124,7 +128,7 @@ def run_cli(args: list[str], capsys) -> tuple[str, str]:
 def test_imagenet_end_to_end_with_a_bad_image_and_resume(tmp_path, capsys):
     data, out = image_folder(tmp_path / "images"), tmp_path / "out"
     args = ["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--ratio", "0.9",
-            "--batch-size", "4", "--out", str(out)]
+            "--batch-size", "4", "--out", str(out), "--random-weights"]
     stdout, stderr = run_cli(args + ["--algo", "none,tome"], capsys)
     assert "skipped" in stderr and "broken.png" in stderr
     rows = [line.split() for line in stdout.splitlines()[3:]]
@@ -147,14 +151,16 @@ def test_imagenet_label_outside_the_classes_is_refused(tmp_path):
     (data / "labels.tsv").write_text("path\tlabel\nn00000000/img0.png\t5000\n")
     with pytest.raises(ValueError, match="outside the model's 1000 classes"):
         main(["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--algo", "none",
-              "--out", str(tmp_path / "out")])
+              "--out", str(tmp_path / "out"), "--random-weights", "--debug"])
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["eval", "imagenet", "--data", str(tmp_path / "nowhere"), "--model", TINY_TIMM])
+        main(["eval", "imagenet", "--data", str(tmp_path / "nowhere"), "--model", TINY_TIMM,
+              "--random-weights", "--debug"])
     with pytest.raises(FileNotFoundError, match="no text file"):
-        main(["eval", "text", "--data", str(tmp_path / "none.tsv"), "--model", "minilm"])
+        main(["eval", "text", "--data", str(tmp_path / "none.tsv"), "--model", "minilm",
+              "--debug"])
 
 
 def test_random_weights_are_the_same_in_every_process():
@@ -171,7 +177,7 @@ def test_random_weights_are_the_same_in_every_process():
 def test_two_processes_give_the_same_numbers_as_one(tmp_path):
     data = image_folder(tmp_path / "images", per_class=5)
     common = ["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--algo",
-              "none,pitome", "--ratio", "0.9", "--batch-size", "3", "--no-plot"]
+              "none,pitome", "--ratio", "0.9", "--batch-size", "3", "--no-plot", "--random-weights"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "pitome.cli", *common, "--out",
                              str(tmp_path / "one")], env=env, capture_output=True, text=True)
@@ -263,7 +269,7 @@ def test_text_end_to_end_with_a_classifier_and_with_a_probe(tmp_path, capsys):
     assert accuracy == 100.0  # a probe fitted on the very examples it is scored on
     with pytest.raises(ValueError, match="no classification head"):
         main(["eval", "text", "--model", str(tmp_path / "enc"), "--data", str(data),
-              "--out", str(tmp_path / "o3")])
+              "--out", str(tmp_path / "o3"), "--debug"])
 
 
 def test_retrieval_end_to_end_with_clip(tmp_path, capsys):

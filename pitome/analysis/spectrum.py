@@ -1,4 +1,4 @@
-"""The spectral-distance diagnostic of PiToMe's theory (SPEC §8).
+"""The spectral-distance diagnostic of PiToMe's theory (docs/method.md §8).
 
 Tokens are the nodes of a graph weighted by the similarity of their metric. A merge is a
 coarsening with membership ``P`` (``n×N``, 0/1). Its lifted graph
@@ -104,11 +104,30 @@ def _recorded_forward(model, images, algo, options) -> _Recorder:
     return recorder
 
 
+class NoSpectrum(ValueError):
+    """The algorithm's plans are not a partition of the tokens into groups."""
+
+
 def _distance(record, index: int, prefix: int, weighting: Weighting, margin: float):
     metric, plan = record
-    weights = token_graph(metric[index, prefix:], weighting, margin)
+    if not hasattr(plan, "membership"):
+        raise NoSpectrum("its merge is a linear resampling of all tokens, not groups")
     members = plan.membership()[index, prefix:, prefix:].cpu().double()
+    if not torch.equal(members.sum(dim=0), torch.ones_like(members[0])):
+        raise NoSpectrum("it discards tokens (pruning), so its merges are not a coarsening")
+    weights = token_graph(metric[index, prefix:], weighting, margin)
     return weights, members, spectral_distance(weights, members)
+
+
+def check_spectrum_algorithm(model: torch.nn.Module, image: torch.Tensor, algo: str,
+                             ratio: float = 0.9) -> None:
+    """Raise a ValueError naming ``algo`` if its merges have no spectral distance (DCT's
+    resampling, pruning), tried on one image so a long run does not fail half-way."""
+    try:
+        block_distances(model, image[:1], algo, ratio)
+    except NoSpectrum as reason:
+        raise ValueError(f"{algo} has no spectral distance: {reason}; use a method that "
+                         "merges tokens into groups (e.g. pitome, tome)") from None
 
 
 def block_distances(model: torch.nn.Module, images: torch.Tensor, algo: str, ratio: float,
@@ -146,7 +165,7 @@ def single_merge_distances(model: torch.nn.Module, images: torch.Tensor, algo: s
     """``images×blocks`` distances of one merge of ``r`` tokens on each block's unmerged tokens.
 
     Block ``b``'s graph comes from the unmerged model (nothing merges before it), so every
-    algorithm faces the same tokens: the protocol of the check in SPEC §8.
+    algorithm faces the same tokens: the protocol of the check in docs/method.md §8.
     """
     distances = torch.zeros(images.shape[0], len(model.blocks), dtype=torch.float64)
     for block in range(len(model.blocks)):

@@ -28,32 +28,69 @@ def read_image_folder(root: str | Path) -> list[LabelledImage]:
 
     Uses ``root/labels.tsv`` (columns ``path``, ``label``) when present; otherwise an
     ImageFolder layout (``SYNSET/file``), with class indices from ``root/classes.tsv``
-    (columns ``index``, ``synset``) or, failing that, the sorted folder names.
+    (columns ``index``, ``synset``, one row for every folder) or, failing that, the sorted
+    folder names. A bad row is an error naming its file and line.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     labels_file = root / "labels.tsv"
     if labels_file.is_file():
-        with labels_file.open(newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-        missing = {"path", "label"} - set(rows[0] if rows else {})
+        images = [LabelledImage(root / row["path"], class_index(row["label"], labels_file, line))
+                  for line, row in read_tsv(labels_file, ("path", "label"))]
+        if not images:
+            raise ValueError(f"{labels_file} lists no images")
+        missing = [item.path for item in images if not item.path.is_file()]
         if missing:
-            raise ValueError(f"{labels_file} needs the columns path and label")
-        return [LabelledImage(root / row["path"], int(row["label"])) for row in rows]
+            raise FileNotFoundError(f"{labels_file} lists {len(missing)} file(s) that do not "
+                                    f"exist, e.g. {missing[0]}")
+        return images
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     classes_file = root / "classes.tsv"
     if classes_file.is_file():
-        with classes_file.open(newline="") as handle:
-            index = {row["synset"]: int(row["index"])
-                     for row in csv.DictReader(handle, delimiter="\t")}
+        index = {row["synset"]: class_index(row["index"], classes_file, line)
+                 for line, row in read_tsv(classes_file, ("index", "synset"))}
+        unlisted = [folder.name for folder in folders if folder.name not in index]
+        if unlisted:
+            raise ValueError(f"{classes_file} has no row for {len(unlisted)} folder(s) of "
+                             f"{root}: {', '.join(unlisted[:5])}{', ...' if len(unlisted) > 5 else ''}"
+                             "; add them, or move them out of the folder")
     else:
         index = {folder.name: i for i, folder in enumerate(folders)}
-    images = [LabelledImage(path, index[folder.name]) for folder in folders if folder.name in index
+    images = [LabelledImage(path, index[folder.name]) for folder in folders
               for path in sorted(folder.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
         raise ValueError(f"no images found under {root}")
     return images
+
+
+def read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a tab-separated file with a header, each with its line number; the header
+    must name ``columns`` and every row must fill them."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        missing = set(columns) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}:1: the header needs the columns {', '.join(columns)} "
+                             f"(tab-separated); it has {', '.join(reader.fieldnames or ()) or 'none'}")
+        rows = []
+        for row in reader:
+            if any(not (row.get(column) or "").strip() for column in columns):
+                raise ValueError(f"{path}:{reader.line_num}: the row needs a value in each of "
+                                 f"{', '.join(columns)}")
+            rows.append((reader.line_num, row))
+    return rows
+
+
+def class_index(text: str, path: Path, line: int) -> int:
+    """A class index read from ``path`` at ``line``: a whole number ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{path}:{line}: class index {text!r} is not a whole number") from None
+    if value < 0:
+        raise ValueError(f"{path}:{line}: class index {value} is negative")
+    return value
 
 
 def model_transform(model: nn.Module):
@@ -71,6 +108,21 @@ def load_images(images: list[LabelledImage], transform) -> tuple[torch.Tensor, t
         with image_module.open(item.path) as image:
             tensors.append(transform(image.convert("RGB")))
     return torch.stack(tensors), torch.tensor([item.label for item in images])
+
+
+def load_readable_images(images: list[LabelledImage], transform) -> torch.Tensor:
+    """The readable ones of ``images`` preprocessed into one ``N×3×H×W`` tensor; each
+    unreadable one is reported on stderr, and none readable is an error."""
+    tensors = []
+    for item in images:
+        image = decode(item, transform)
+        if isinstance(image, str):
+            print(f"pitome: skipped {item.path} ({image})", file=sys.stderr)
+        else:
+            tensors.append(image)
+    if not tensors:
+        raise ValueError(f"none of the {len(images)} images could be read")
+    return torch.stack(tensors)
 
 
 def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -44,10 +44,6 @@ def grid(algos: Sequence[str], ratios: Sequence[float]) -> list[Cell]:
     return cells + [Cell(algo, ratio) for algo in algos if algo != UNMERGED for ratio in ratios]
 
 
-def parse_list(text: str, kind: Callable[[str], Any] = str) -> list:
-    return [kind(item.strip()) for item in text.split(",") if item.strip()]
-
-
 # ----------------------------------------------------------------------------- processes
 @dataclass(frozen=True)
 class Processes:
@@ -136,20 +132,50 @@ def progress(items: Iterable, processes: Processes, description: str, total: int
 
 # ----------------------------------------------------------------------------- results
 class ResultStore:
-    """``results.json`` in the output folder: the setup and one entry per finished cell."""
+    """``results.json`` in the output folder: the setup and one entry per finished cell.
 
-    def __init__(self, out: str | Path, setup: dict[str, Any], fresh: bool = False) -> None:
+    A folder holding another setup's results is refused, never overwritten; with
+    ``fresh=True`` the old file is kept as ``results.previous-N.json`` and a new one begun.
+    Only the ``owner`` process (rank 0) moves files and reports.
+    """
+
+    def __init__(self, out: str | Path, setup: dict[str, Any], fresh: bool = False,
+                 owner: bool = True) -> None:
         self.folder = Path(out)
         self.path = self.folder / "results.json"
-        self.setup = setup
+        self.setup = json.loads(json.dumps(setup))  # as it reads back: tuples become lists
         self.cells: dict[str, dict[str, Any]] = {}
-        if self.path.is_file() and not fresh:
+        if not self.path.is_file():
+            return
+        if fresh:
+            if owner:
+                kept = self._keep_previous()
+                print(f"pitome: --fresh: the earlier results are kept as {kept}",
+                      file=sys.stderr)
+            return
+        saved = self._read()
+        if saved.get("setup") != self.setup:
+            raise ValueError(f"{self.path} holds the results of another setup ("
+                             f"{_differences(saved.get('setup') or {}, self.setup)}); give "
+                             "another --out, or --fresh to start anew (the old file is kept)")
+        self.cells = saved.get("cells", {})
+
+    def _read(self) -> dict[str, Any]:
+        try:
             saved = json.loads(self.path.read_text())
-            if saved.get("setup") == setup:
-                self.cells = saved.get("cells", {})
-            else:
-                print(f"pitome: {self.path} holds another setup; starting afresh "
-                      "(it will be overwritten)", file=sys.stderr)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{self.path} is not a pitome results file ({error}); move it "
+                             "away, or give --fresh to set it aside") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("cells", {}), dict):
+            raise ValueError(f"{self.path} is not a pitome results file (no setup and cells)")
+        return saved
+
+    def _keep_previous(self) -> Path:
+        number = 1
+        while (kept := self.folder / f"results.previous-{number}.json").exists():
+            number += 1
+        self.path.rename(kept)
+        return kept
 
     def done(self, cell: Cell) -> bool:
         return cell.key in self.cells
@@ -163,6 +189,13 @@ class ResultStore:
 
     def rows(self, cells: Sequence[Cell]) -> list[dict[str, Any]]:
         return [self.cells[cell.key] for cell in cells if cell.key in self.cells]
+
+
+def _differences(saved: dict[str, Any], setup: dict[str, Any], shown: int = 3) -> str:
+    keys = [key for key in dict.fromkeys([*setup, *saved]) if saved.get(key) != setup.get(key)]
+    text = "; ".join(f"{key}: {saved.get(key)!r} there, {setup.get(key)!r} now"
+                     for key in keys[:shown])
+    return text + ("; ..." if len(keys) > shown else "")
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -59,12 +59,17 @@ def read_labelled_text(source: str, text_column: str = "sentence", label_column:
 
         delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
         with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
-                                       if delimiter == "\t" else csv.QUOTE_MINIMAL))
+            reader = csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
+                                    if delimiter == "\t" else csv.QUOTE_MINIMAL)
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(f"{source}:{reader.line_num}")
     elif ":" in source and not path.suffix:
         datasets = require("datasets", "hub")
         name, split = source.rsplit(":", 1)
         rows = list(datasets.load_dataset(*name.split("/", 1), split=split))
+        lines = [f"{source} row {index}" for index in range(len(rows))]
     else:
         raise FileNotFoundError(f"no text file at {source} (or give a hub dataset as "
                                 "NAME[/CONFIG]:SPLIT)")
@@ -75,7 +80,16 @@ def read_labelled_text(source: str, text_column: str = "sentence", label_column:
         raise ValueError(f"{source} has no column(s) {sorted(missing)}; its columns are "
                          f"{sorted(rows[0])} (use --text-column/--label-column)")
     rows = rows[:limit] if limit is not None else rows
-    return [str(row[text_column]).strip() for row in rows], [int(row[label_column]) for row in rows]
+    return ([str(row[text_column] or "").strip() for row in rows],
+            [_label(row[label_column], where) for row, where in zip(rows, lines)])
+
+
+def _label(value, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: label {value!r} is not a whole number (a class index)") \
+            from None
 
 
 class LogisticProbe:
