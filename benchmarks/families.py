@@ -3,10 +3,11 @@
 The runtime issue's grid: HF CLIPVisionModel ViT-L/14-336 (LLaVA's tower) at batch 32, HF
 ViTForImageClassification ViT-B/16 at 256, open_clip ViT-B-16's tower at 256, and each at
 batch 1; ρ 0.9, random weights (speed does not depend on them), bf16 on a GPU. Every
-variant runs in one process: the unpatched model, two token-slicing oracles (each layer's
-input sliced to the count entering it, ``oracle-in``, or to the count leaving it,
-``oracle-out``: the same schedule at zero merge cost, bounding the ideal from both sides),
-ToMe and PiToMe. With ``--cuda-graph`` (the default on a GPU) every variant is captured,
+variant runs in one process: the unpatched model, the token-slicing ``oracle`` (each layer
+runs its attention on the tokens entering it and keeps the first ones leaving it before
+its MLP, as a merging layer does, at zero merge cost: the speed limit of the schedule,
+docs/method.md §9), two looser bounds (each layer's input sliced to the count entering it,
+``oracle-in``, or leaving it, ``oracle-out``), ToMe and PiToMe. With ``--cuda-graph`` (the default on a GPU) every variant is captured,
 then the variants take turns over ``--rounds``; eager rows are measured too.
 
     python benchmarks/families.py --json docs/families-h200.json
@@ -30,7 +31,7 @@ from pitome.bench import inference_run, launch_time, time_forward
 from pitome.core.schedule import TokenSchedule, token_counts
 from pitome.cuda_graph import CudaGraphForward
 
-VARIANTS = ("none", "oracle-in", "oracle-out", "tome", "pitome")
+VARIANTS = ("none", "oracle", "oracle-in", "oracle-out", "tome", "pitome")
 
 
 def hf_clip_l336() -> tuple[nn.Module, nn.ModuleList, int, int]:
@@ -94,6 +95,72 @@ def slicing_hooks(layers: nn.ModuleList, counts: list[int]) -> list:
             for layer, keep in zip(layers, counts)]
 
 
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def split_layer(layer: nn.Module) -> tuple[Callable, Callable]:
+    """The layer as its two residual halves: ``attention(x, *args, **kwargs)`` and
+    ``mlp(x)``, each returning the residual stream (pre-norm HF CLIP/ViT, open_clip)."""
+    if hasattr(layer, "layer_norm1"):  # HF CLIP / SigLIP
+        return (lambda x, mask=None, *a, **k: x + _first(layer.self_attn(
+                    hidden_states=layer.layer_norm1(x), attention_mask=mask)),
+                lambda x: x + layer.mlp(layer.layer_norm2(x)))
+    if hasattr(layer, "layernorm_before"):  # HF ViT / DeiT, either transformers layout
+        def vit_mlp(x):
+            if hasattr(layer, "mlp"):
+                return x + layer.mlp(layer.layernorm_after(x))
+            return layer.output(layer.intermediate(layer.layernorm_after(x)), x)
+        return (lambda x, mask=None, *a, **k: x + _first(layer.attention(
+                    layer.layernorm_before(x), mask) if mask is not None
+                    else layer.attention(layer.layernorm_before(x))), vit_mlp)
+    if hasattr(layer, "ln_1"):  # open_clip ResidualAttentionBlock
+        return (lambda x, *a, **k: x + layer.ls_1(layer.attention(q_x=layer.ln_1(x))),
+                lambda x: x + layer.ls_2(layer.mlp(layer.ln_2(x))))
+    raise TypeError(f"no exact oracle for {type(layer).__name__}")
+
+
+class ExactOracle:
+    """Each layer runs attention on the tokens entering it, keeps the first ``leaving``
+    of them, then runs its MLP: a merging layer's shapes at zero merge cost."""
+
+    def __init__(self, layers: nn.ModuleList, entering: list[int], leaving: list[int]) -> None:
+        self.layers = layers
+        for layer, keep_in, keep_out in zip(layers, entering, leaving):
+            attention, mlp = split_layer(layer)
+            layer.forward = self._forward(attention, mlp, keep_in, keep_out)
+
+    @staticmethod
+    def _forward(attention, mlp, keep_in: int, keep_out: int):
+        def forward(x, *args, **kwargs):
+            mask = args[0] if args else kwargs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                mask = mask[..., :keep_in, :keep_in]
+            return mlp(attention(x[:, :keep_in], mask)[:, :keep_out])
+        return forward
+
+    def remove(self) -> None:
+        for layer in self.layers:
+            del layer.forward
+
+
+@torch.no_grad()
+def check_oracle(model: nn.Module, layers: nn.ModuleList, pixels: torch.Tensor,
+                 tokens: int) -> None:
+    """The exact oracle's split layers, slicing nothing, must compute the model itself."""
+    forward = call(model)
+    expected = forward(pixels).float()
+    oracle = ExactOracle(layers, [tokens] * len(layers), [tokens] * len(layers))
+    try:
+        got = forward(pixels).float()
+    finally:
+        oracle.remove()
+    error = (got - expected).abs().max().item() / expected.abs().max().clamp_min(1e-6).item()
+    if error > 2e-2:
+        raise AssertionError(f"the oracle's split layers do not compute the model: "
+                             f"relative error {error:.3g}")
+
+
 def measure(name: str, batch: int, ratio: float, device: torch.device, dtype: torch.dtype,
             rounds: int, repeats: int, cuda_graph: bool) -> list[dict]:
     model, layers, size, prefix = MODELS[name]()
@@ -102,12 +169,15 @@ def measure(name: str, batch: int, ratio: float, device: torch.device, dtype: to
     pixels = pixels.to(device, dtype)
     tokens = (size // (14 if "l14" in name else 16)) ** 2 + prefix
     counts = token_counts(tokens, TokenSchedule(ratio=ratio).plan(tokens, prefix, len(layers)))
+    check_oracle(model, layers, pixels[:2], tokens)
     runs: dict[str, Callable[[], None]] = {}
     rows: list[dict] = []
     for variant in VARIANTS:
         pitome.unpatch(model)
         hooks = []
-        if variant == "oracle-in":
+        if variant == "oracle":
+            hooks = [ExactOracle(layers, counts[:-1], counts[1:])]
+        elif variant == "oracle-in":
             hooks = slicing_hooks(layers, counts[:-1])
         elif variant == "oracle-out":
             hooks = slicing_hooks(layers, counts[1:])
@@ -150,23 +220,26 @@ def measure(name: str, batch: int, ratio: float, device: torch.device, dtype: to
                 row["speedup"] = base["forward_ms"] / row["forward_ms"]
     del model, runs
     if device.type == "cuda":
+        torch.cuda.synchronize()
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'model':22} {'batch':>5} {'mode':10} {'variant':10} {'ms':>8} {'host ms':>8} "
-             f"{'speedup':>8} {'of oracle-in':>12} {'of oracle-out':>13}"]
+             f"{'speedup':>8} {'of oracle':>9} {'of oracle-in':>12} {'of oracle-out':>13}"]
     for row in rows:
         group = [r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
                  and r["mode"] == row["mode"]]
         oracle = {r["variant"]: r["speedup"] for r in group if r["variant"].startswith("oracle")}
         host = "" if row["host_ms"] is None else f"{row['host_ms']:.2f}"
+        exact = row["speedup"] / oracle["oracle"] if "oracle" in oracle else float("nan")
         of_in = row["speedup"] / oracle["oracle-in"] if "oracle-in" in oracle else float("nan")
         of_out = row["speedup"] / oracle["oracle-out"] if "oracle-out" in oracle else float("nan")
         lines.append(f"{row['model']:22} {row['batch']:>5} {row['mode']:10} {row['variant']:10} "
                      f"{row['forward_ms']:8.2f} {host:>8} {row['speedup']:7.2f}x "
-                     f"{of_in:12.3f} {of_out:13.3f}")
+                     f"{exact:9.3f} {of_in:12.3f} {of_out:13.3f}")
     return "\n".join(lines)
 
 

@@ -52,7 +52,12 @@ class MergingPreNormLayer(MergingLayer):
         state = self._pitome_state(session, hidden_states, None)
         bias = state.attention_bias(hidden_states.dtype)
         norm1, attention, norm2 = self._pitome_parts()
-        h = attention(norm1(hidden_states), attention_mask=bias)[0]
+        h = norm1(hidden_states)
+        output = getattr(attention, "out_proj", None) or getattr(attention, "o_proj", None)
+        if bias is not None and state.padding is None and output is not None:
+            h = output(sized_attention(attention, h, state))
+        else:
+            h = attention(h, attention_mask=bias)[0]
         dropout = getattr(self, "dropout", None)
         h = dropout(h) if dropout is not None else h
         x = self._pitome_merge(session, hidden_states, bias, _scale(attention, h.shape[-1]), h)
@@ -153,6 +158,17 @@ def biased_attention(attention: nn.Module, x: torch.Tensor, state: MergeState) -
     return attention.projection(out)
 
 
+def sized_attention(attention: nn.Module, x: torch.Tensor, state: MergeState) -> torch.Tensor:
+    """Proportional attention over ``attention``'s ``q_proj``/``k_proj``/``v_proj`` (image
+    tokens, never padded) in the fused kernel where it runs, before the output projection."""
+    heads = _head_count(attention)
+    q, k, v = (split_heads(projection(x), heads)
+               for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+    sizes = state.sizes if state.config.prop_attn else None
+    return proportional_attention(q, k, v, sizes, _scale(attention, x.shape[-1]),
+                                  _dropout(attention))
+
+
 def projected_attention(attention: nn.Module, x: torch.Tensor, bias: torch.Tensor | None,
                         query: nn.Module, key: nn.Module, value: nn.Module) -> torch.Tensor:
     """Scaled-dot-product attention over ``attention``'s own query, key and value projections
@@ -182,7 +198,7 @@ def _dropout(attention: nn.Module) -> float:
     """The attention-probability dropout of ``attention`` (0 in eval mode)."""
     if not attention.training:
         return 0.0
-    for name in ("dropout", "dropout_prob", "attention_probs_dropout_prob"):
+    for name in ("dropout", "attention_dropout", "dropout_prob", "attention_probs_dropout_prob"):
         value = getattr(attention, name, None)
         if isinstance(value, nn.Dropout):
             return value.p
