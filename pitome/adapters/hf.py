@@ -39,7 +39,7 @@ from ..runtime.session import Runtime, Session
 from ..runtime.state import MergeConfig, MergeState
 from .base import UnsupportedModelError
 
-TESTED = "transformers 4.45, 4.57 and 5.24"
+TESTED = "transformers 4.45, 4.57, 5.17 and 5.24"
 
 
 class MergingPreNormLayer(MergingLayer):

@@ -41,9 +41,14 @@ def merging_class(mixin: type, base: type) -> type:
         forward = next((owner.__dict__["forward"] for owner in mixin.__mro__
                         if "forward" in owner.__dict__), None)
         if forward is not None:
-            # transformers' GradientCheckpointingLayer wraps a subclass's forward when the class
-            # is made; merging layers checkpoint themselves (the merge state must be replayed).
+            # transformers' GradientCheckpointingLayer checkpoints a layer itself: before 5.20
+            # or so in its __call__, since then by wrapping a subclass's forward when the class
+            # is made. Merging layers checkpoint themselves (the merge state must be replayed
+            # inside the forward's session), so both are undone.
             cls.forward = forward
+            if any(owner.__name__ == "GradientCheckpointingLayer" and "__call__" in owner.__dict__
+                   for owner in base.__mro__):
+                cls.__call__ = nn.Module.__call__
         _CLASSES[key] = cls
     return _CLASSES[key]
 
