@@ -50,13 +50,14 @@ class MergingPreNormLayer(MergingLayer):
         # Image tokens are never padded; the all-valid mask some transformers versions hand
         # vision layers is replaced by pitome's key bias.
         state = self._pitome_state(session, hidden_states, None)
-        bias = state.attention_bias(hidden_states.dtype)
         norm1, attention, norm2 = self._pitome_parts()
         h = norm1(hidden_states)
         output = getattr(attention, "out_proj", None) or getattr(attention, "o_proj", None)
-        if bias is not None and state.padding is None and output is not None:
+        bias = None
+        if state.biased and output is not None:
             h = output(sized_attention(attention, h, state))
         else:
+            bias = state.attention_bias(hidden_states.dtype)
             h = attention(h, attention_mask=bias)[0]
         dropout = getattr(self, "dropout", None)
         h = dropout(h) if dropout is not None else h
@@ -141,11 +142,10 @@ class MergingFusedQKVLayer(MergingLayer):
     def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         state = self._pitome_state(session, hidden_states, None)  # image tokens: no padding
-        bias = state.attention_bias(hidden_states.dtype)
         attention = self.self_attn
         h = self.layer_norm1(hidden_states)
-        h = attention(hidden_states=h)[0] if bias is None else biased_attention(attention, h, state)
-        x = self._pitome_merge(session, hidden_states, bias, attention.scale, h)
+        h = biased_attention(attention, h, state) if state.biased else attention(hidden_states=h)[0]
+        x = self._pitome_merge(session, hidden_states, None, attention.scale, h)
         return x + self.mlp(self.layer_norm2(x))
 
 

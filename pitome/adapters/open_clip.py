@@ -35,8 +35,8 @@ def _is_open_clip(module: nn.Module) -> bool:
 
 
 def projected_attention(attention: nn.MultiheadAttention, x: torch.Tensor,
-                        bias: torch.Tensor | None, session: Session) -> torch.Tensor:
-    """Batch-first attention of an ``nn.MultiheadAttention`` with an additive key bias,
+                        session: Session) -> torch.Tensor:
+    """Batch-first attention of an ``nn.MultiheadAttention`` with the session's key bias,
     through fused scaled-dot-product attention. The keys and queries go to the session as
     soon as they exist, so the block's plan can start before the attention."""
     q, k, v = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
@@ -51,7 +51,7 @@ def projected_attention(attention: nn.MultiheadAttention, x: torch.Tensor,
                                      split_heads(v, heads), sizes, attention.head_dim ** -0.5,
                                      dropout)
     else:
-        out = multihead_attention(q, k, v, heads, bias, dropout)
+        out = multihead_attention(q, k, v, heads, state.attention_bias(x.dtype), dropout)
     return attention.out_proj(out)
 
 
@@ -66,13 +66,12 @@ class MergingResidualAttentionBlock(MergingLayer):
         x = q_x if batch_first else q_x.transpose(0, 1)
         state = self._pitome_state(session, x, None)
         merges = state.merges[self.__dict__[INDEX_ATTR]]
-        bias = state.attention_bias(x.dtype)
         h = self.ln_1(x)
-        if bias is None and not merges:
+        if not state.biased and not merges:
             h = self.attn(h, h, h, need_weights=False)[0]
         else:
-            h = projected_attention(self.attn, h, bias, session)
-        x = self._pitome_merge(session, x, bias, self.attn.head_dim ** -0.5, self.ls_1(h))
+            h = projected_attention(self.attn, h, session)
+        x = self._pitome_merge(session, x, None, self.attn.head_dim ** -0.5, self.ls_1(h))
         x = x + self.ls_2(self.mlp(self.ln_2(x)))
         return x if batch_first else x.transpose(0, 1)
 

@@ -122,7 +122,8 @@ class MergingLayer:
     def _pitome_merge(self, session: Session, x: torch.Tensor, bias: torch.Tensor | None,
                       scale: float, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (plus ``residual``, added inside the merge kernel) with this block's
-        scheduled merge applied."""
+        scheduled merge applied. ``bias`` is the block's key bias if the layer made one
+        (None: made here, only if an algorithm reads the attention)."""
         state: MergeState = session.state  # type: ignore[assignment]
         block = self.__dict__[INDEX_ATTR]
         if not state.merges[block]:
@@ -136,6 +137,8 @@ class MergingLayer:
     def _pitome_received(self, session: Session, bias: torch.Tensor | None,
                          scale: float) -> torch.Tensor:
         heads = session.runtime.heads
+        if bias is None:
+            bias = session.state.attention_bias(session.queries.dtype)  # type: ignore[union-attr]
         q = split_heads(session.queries, heads)  # type: ignore[arg-type]
         k = split_heads(session.keys, heads)  # type: ignore[arg-type]
         return received_attention(q, k, scale, bias, session.runtime.num_prefix)

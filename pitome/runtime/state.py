@@ -110,6 +110,11 @@ class MergeState:
             groups[length] = (rows, token_counts(length, merges))
         return groups
 
+    @property
+    def biased(self) -> bool:
+        """Whether attention needs a key bias now (sizes to weigh, or padding to block)."""
+        return self.config.prop_attn and self.sizes is not None or self.padding is not None
+
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive ``B×1×1×T`` key bias: ``log s`` (proportional attention) on real tokens,
         the dtype's minimum on padding; None when neither applies."""
