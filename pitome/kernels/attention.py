@@ -39,9 +39,9 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias.
     """
     batch, heads, tokens, head_dim = q.shape
-    few_tokens = tokens < MIN_TOKENS and batch * heads > MAX_HEADS_ALWAYS_KERNEL
-    if (sizes is None or dropout > 0.0 or head_dim > 256 or few_tokens
-            or q.dtype not in (torch.bfloat16, torch.float16) or not use_triton(q, k, v)):
+    if (sizes is None or dropout > 0.0 or q.dtype not in (torch.bfloat16, torch.float16)
+            or not use_triton(q, k, v) or head_dim > 256
+            or tokens < MIN_TOKENS and batch * heads > MAX_HEADS_ALWAYS_KERNEL):
         bias = None if sizes is None else log_size_bias(sizes, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
                                              scale=scale)

@@ -59,10 +59,12 @@ def kernel_backend(backend: Backend) -> Iterator[None]:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether an operation on ``tensors`` should run its Triton kernel.
 
-    Never when a result needs gradients (the kernels have no backward pass).
+    Never when a result needs gradients (the kernels have no backward pass), nor while
+    ``torch.export`` traces (an exported program must run without pitome's kernels: in
+    onnxruntime, on another device).
     """
     choice = _chosen()
-    if choice == "torch":
+    if choice == "torch" or torch.compiler.is_exporting():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False

@@ -98,10 +98,9 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     :func:`bipartite_plan`."""
     batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
     num_a, num_b = set_a[2], set_b[2]
-    if num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a:
+    if not use_triton(metric) or num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a:
         return None
-    if (fits_one_tile(batch, tokens, dim) and energy.kind in ENERGY_KINDS
-            and use_triton(metric)):
+    if fits_one_tile(batch, tokens, dim) and energy.kind in ENERGY_KINDS:
         return _energy_tile_plan(metric, energy, pooled, set_a, set_b, r, num_prefix)
     metric, heads, stride_h = metric_rows(metric)
     split = energy_partials(metric, energy)

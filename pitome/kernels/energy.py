@@ -112,8 +112,8 @@ def energy_partials(metric: torch.Tensor, options: EnergyOptions
     the weights as the kernels read them; or None where the split does not apply (large
     batches, rows too long to sort in one program, no Triton)."""
     batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
-    if (not is_small_batch(batch) or tokens > MAX_LENGTH or options.kind not in ENERGY_KINDS
-            or dim > MAX_METRIC_DIM or not use_triton(metric)):
+    if (not use_triton(metric) or not is_small_batch(batch) or tokens > MAX_LENGTH
+            or options.kind not in ENERGY_KINDS or dim > MAX_METRIC_DIM):
         return None
     from . import _triton
 

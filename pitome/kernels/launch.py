@@ -47,9 +47,9 @@ def fuses_head_mean(head_keys: torch.Tensor) -> bool:
     """Whether the metric kernels should take these ``B×H×T×d`` keys per head rather than
     their mean (see :func:`metric_rows`)."""
     batch, heads, _, dim = head_keys.shape
-    return (is_small_batch(batch) and heads > 1 and dim <= MAX_METRIC_DIM
-            and _head_row_bytes(heads, dim, head_keys) <= MAX_HEAD_ROW_BYTES
-            and use_triton(head_keys))
+    return (use_triton(head_keys) and is_small_batch(batch) and heads > 1
+            and dim <= MAX_METRIC_DIM
+            and _head_row_bytes(heads, dim, head_keys) <= MAX_HEAD_ROW_BYTES)
 
 
 def _head_row_bytes(heads: int, dim: int, keys: torch.Tensor) -> int:
