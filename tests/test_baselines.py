@@ -43,6 +43,23 @@ def test_tofu_prunes_early_and_keeps_the_largest_norm_late():
     assert sizes.item() == 2
 
 
+def test_mlerp_of_a_group_of_three_and_its_gradient():
+    from pitome.core.plan import MergePlan
+
+    # Tokens 1 and 2 both merge into token 3: the mean of (3, 0), (0, 1), (0, 2) is (1, 1),
+    # rescaled to the largest norm, 3.
+    x = torch.tensor([[[5.0, 5.0], [3.0, 0.0], [0.0, 1.0], [0.0, 2.0]]], dtype=torch.float64)
+    plan = MergePlan(keep=torch.tensor([[0, 3]]), src=torch.tensor([[1, 2]]),
+                     dst=torch.tensor([[1, 1]]), max_norm=True)
+    sizes = torch.ones(1, 4, 1, dtype=torch.float64)
+    merged, new_sizes = plan.weighted_mean(x, sizes)
+    torch.testing.assert_close(merged[0, 1], torch.full((2,), 3 / math.sqrt(2), dtype=torch.float64))
+    assert merged[0, 0].tolist() == [5.0, 5.0] and new_sizes.flatten().tolist() == [1.0, 3.0]
+    # Training through it: the backward pass is the derivative of this forward.
+    assert torch.autograd.gradcheck(lambda t: plan.weighted_mean(t, sizes)[0],
+                                    (x.clone().requires_grad_(),))
+
+
 def test_dct_keeps_constant_and_low_frequency_sequences():
     tokens, r = 32, 8
     matrix = DCT()(torch.zeros(1, tokens + 1, 4), context(r, tokens + 1)).matrix
