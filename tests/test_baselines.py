@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pitome.algorithms import DCT, MCTF, AttentionPruning, CrossGET, DiffRate, RandomMatching, ToFu
@@ -73,6 +74,18 @@ def test_dct_keeps_constant_and_low_frequency_sequences():
     # The highest frequencies are cut.
     fast = torch.cos(math.pi * (tokens - 1) * (torch.arange(tokens) + 0.5) / tokens).unsqueeze(1)
     assert (matrix @ fast).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_dct_resamples_tokens_of_every_float_dtype(dtype):
+    x = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    plan = DCT()(x, context(2, 9))
+    out, sizes = plan.weighted_mean(x, torch.ones(2, 9, 1))
+    assert out.dtype == dtype and out.shape == (2, 7, 3)
+    assert torch.equal(out[:, 0], x[:, 0])
+    expected = plan.matrix.double() @ x[:, 1:].double()
+    torch.testing.assert_close(out[:, 1:].double(), expected, **(
+        dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=1e-6)))
 
 
 def test_diffrate_merges_the_least_attended_into_their_nearest_kept_token():
