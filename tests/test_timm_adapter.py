@@ -129,12 +129,20 @@ def test_size_weighted_average_pooling():
 def test_proportional_attention_changes_the_output_only_after_a_merge():
     model = build("vit")
     x = images(2)
-    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=False)
-    without = outputs(model, x)
-    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=True)
-    assert not torch.allclose(outputs(model, x), without)
-    pitome.patch(model, algo="tome", ratio=1.0, prop_attn=True)
-    pitome.unpatch(model)
+    unmerged = outputs(model, x)
+
+    def run(prop_attn: bool, **schedule) -> torch.Tensor:
+        pitome.patch(model, algo="tome", prop_attn=prop_attn, **schedule)
+        return outputs(model, x)
+
+    # Merging in block 1: blocks 2 and 3 attend over merged tokens, so log s changes them.
+    assert not torch.allclose(run(True, r=8, merge_blocks=[1]), run(False, r=8, merge_blocks=[1]))
+    # Merging in the last block only: it merges after its attention and no attention runs
+    # after it, so with and without proportional attention the outputs are the same.
+    torch.testing.assert_close(run(True, r=8, merge_blocks=[3]), run(False, r=8, merge_blocks=[3]),
+                               atol=0, rtol=0)
+    # Nothing merged: every size is 1, log s = 0, and the output is the unmerged model's.
+    torch.testing.assert_close(run(True, ratio=1.0), unmerged, atol=1e-6, rtol=0)
 
 
 def test_non_fused_attention_path_agrees_with_fused():
