@@ -224,10 +224,44 @@ def test_baseline_invariants_below_ratio_one(variant, algo, dtype, batch):
 
 @pytest.mark.parametrize("algo", BASELINES)
 def test_baselines_train_and_compile(algo):
-    model = build("vit").train()
+    model = build("vit").double().train()
     pitome.patch(model, algo=algo, ratio=0.8)
-    model(images(2)).square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    x = images(2).double().requires_grad_()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same plans every call, random matching's too
+        return model(x).square().mean()
+
+    loss().backward()
+    # Every parameter, and every patch of the input, takes part in the loss: each block
+    # attends over every token it is given before any of them is merged or dropped.
+    untrained = [name for name, p in model.named_parameters() if p.requires_grad
+                 and (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
+    assert untrained == []
+    patch = TINY["patch_size"]
+    per_patch = x.grad.abs().unfold(2, patch, patch).unfold(3, patch, patch).sum(dim=(1, 4, 5))
+    assert (per_patch > 0).all()
+    # The gradient is the loss's: along a random direction of the parameters it matches a
+    # central difference (the plans, made without gradient, stay the same for so small a
+    # step). MCTF pools with the attention it planned from, which the backward pass
+    # treats as a constant, as it treats the plan.
+    if algo != "mctf":
+        generator = torch.Generator().manual_seed(1)
+        direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+        analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+        step = 1e-7
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+            plus = loss().item()
+            for p, d in zip(params, direction):
+                p.sub_(2 * step * d)
+            minus = loss().item()
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+        assert analytic == pytest.approx((plus - minus) / (2 * step), rel=1e-5, abs=1e-8)
+    model.float()
     model.eval()
     x = images(2)
     if algo == "random":
