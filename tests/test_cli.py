@@ -109,15 +109,41 @@ def test_spectrum_command(tmp_path, capsys):
 
 
 def test_visualize_command(tmp_path):
+    """Each panel paints every merged group of patches in the group's mean colour: read
+    back, its patches fall into 197 → 60 tokens' worth of groups (59 besides CLS, ρ = 0.9
+    over 12 blocks), each coloured with the mean of its patches in the input panel, and a
+    dark line separates neighbouring patches of different groups."""
+    import numpy as np
     from PIL import Image
 
-    folder = small_image_folder(tmp_path / "images", count=1)
-    image = next(folder.rglob("*.png"))
+    # A smooth two-way gradient: every patch has its own colour, and so (almost surely)
+    # does every group of patches.
+    ramp = np.linspace(0, 255, 224)
+    pixels = np.stack([ramp[None, :].repeat(224, 0), ramp[:, None].repeat(224, 1),
+                       np.full((224, 224), 90.0)], axis=-1).astype(np.uint8)
+    image = tmp_path / "gradient.png"
+    Image.fromarray(pixels).save(image)
     out = tmp_path / "merges.png"
     assert main(["visualize", str(image), "--model", TINY_MODEL, "--algos", "pitome,tome",
                  "--out", str(out), "--random-weights"]) == 0
     with Image.open(out) as picture:
         assert picture.size == (3 * 224 + 2 * 8, 224 + 16)
+        strip = np.asarray(picture.convert("RGB"), dtype=np.float64)[16:]
+    patches = strip[:, :224].reshape(14, 16, 14, 16, 3)
+    patch_means = patches.mean(axis=(1, 3)).reshape(196, 3)
+    assert np.ptp(patch_means, axis=0)[:2].min() > 150  # the input panel is the gradient
+    for panel in (1, 2):
+        painted = strip[:, panel * 232:panel * 232 + 224]
+        centres = painted[7::16, 7::16].reshape(196, 3)  # away from the group boundaries
+        colours, group = np.unique(centres, axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        assert len(colours) == 59, panel
+        for index, colour in enumerate(colours):
+            assert np.abs(patch_means[group == index].mean(axis=0) - colour).max() <= 1.0
+        ids = group.reshape(14, 14)
+        # The last pixel column of patch (r, c) is dark exactly where (r, c + 1) differs.
+        boundary = painted[7::16, 15:223:16].max(axis=-1)
+        assert np.array_equal(boundary < 30, ids[:, :-1] != ids[:, 1:]), panel
 
 
 def test_bench_rounds_time_each_method_again(monkeypatch):

@@ -130,7 +130,13 @@ def test_attention_kernel_matches_sdpa_with_log_size_bias(tokens, head_dim):
     exact = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float(), v.float(), attn_mask=sizes.log().transpose(1, 2).unsqueeze(1))
     exact = exact.transpose(1, 2).reshape(batch, tokens, -1)
-    assert (fast.float() - exact).abs().max() <= 2 * (reference.float() - exact).abs().max() + 1e-2
+    # bf16 attention may be this far from exact: each weight rounded to bf16 (2⁻⁸ relative,
+    # so at most 2⁻⁸·max|v| on the output) and the output itself (one bf16 ulp, 2⁻⁷
+    # relative). The PyTorch twin meets the same bound; ignoring the log s bias (up to
+    # log 5) misses it by far.
+    bound = dict(atol=2 ** -8 * v.float().abs().max().item(), rtol=2 ** -7)
+    torch.testing.assert_close(fast.float(), exact, **bound)
+    torch.testing.assert_close(reference.float(), exact, **bound)
 
 
 def test_attention_without_sizes_is_plain_sdpa():

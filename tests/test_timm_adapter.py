@@ -10,13 +10,15 @@ import torch
 from conftest import TINY, build, images
 
 import pitome
-from pitome.core.schedule import TokenSchedule
 
 NUM_PATCHES = (TINY["img_size"] // TINY["patch_size"]) ** 2
 ALGOS = ["pitome", "tome"]
 BASELINES = ["pitome_paper", "pitome_deit", "tofu", "dct", "diffrate", "mctf", "crossget",
              "random", "prune"]
 PRUNING = {"tofu", "prune"}  # some tokens are discarded: sources cover only part of the input
+# Every variant has 64 mergeable tokens (the patches) at ρ = 0.8: r = ⌊64 − 51.2⌋ = 12,
+# then ⌊52 − 41.6⌋ = 10, ⌊42 − 33.6⌋ = 8, ⌊34 − 27.2⌋ = 6.
+MERGES_AT_0_8 = [12, 10, 8, 6]
 
 
 def outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,11 +68,8 @@ def test_invariants_below_ratio_one(variant, algo, dtype, batch):
     assert torch.isfinite(logits.float()).all()
 
     info = pitome.merge_info(model)
-    merges = TokenSchedule(ratio=0.8).plan(tokens, prefix, TINY["depth"])
-    assert info.merges == merges and all(r > 0 for r in merges)
-    expected_counts = [tokens]
-    for r in merges:
-        expected_counts.append(expected_counts[-1] - r)
+    assert info.merges == MERGES_AT_0_8
+    expected_counts = [tokens - sum(MERGES_AT_0_8[:b]) for b in range(TINY["depth"] + 1)]
     assert info.token_counts == expected_counts
 
     final = expected_counts[-1]
@@ -130,12 +129,20 @@ def test_size_weighted_average_pooling():
 def test_proportional_attention_changes_the_output_only_after_a_merge():
     model = build("vit")
     x = images(2)
-    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=False)
-    without = outputs(model, x)
-    pitome.patch(model, algo="tome", ratio=0.8, prop_attn=True)
-    assert not torch.allclose(outputs(model, x), without)
-    pitome.patch(model, algo="tome", ratio=1.0, prop_attn=True)
-    pitome.unpatch(model)
+    unmerged = outputs(model, x)
+
+    def run(prop_attn: bool, **schedule) -> torch.Tensor:
+        pitome.patch(model, algo="tome", prop_attn=prop_attn, **schedule)
+        return outputs(model, x)
+
+    # Merging in block 1: blocks 2 and 3 attend over merged tokens, so log s changes them.
+    assert not torch.allclose(run(True, r=8, merge_blocks=[1]), run(False, r=8, merge_blocks=[1]))
+    # Merging in the last block only: it merges after its attention and no attention runs
+    # after it, so with and without proportional attention the outputs are the same.
+    torch.testing.assert_close(run(True, r=8, merge_blocks=[3]), run(False, r=8, merge_blocks=[3]),
+                               atol=0, rtol=0)
+    # Nothing merged: every size is 1, log s = 0, and the output is the unmerged model's.
+    torch.testing.assert_close(run(True, ratio=1.0), unmerged, atol=1e-6, rtol=0)
 
 
 def test_non_fused_attention_path_agrees_with_fused():
@@ -198,7 +205,7 @@ def test_baseline_invariants_below_ratio_one(variant, algo, dtype, batch):
     logits = outputs(model, images(batch).to(dtype))
     assert logits.shape == (batch, TINY["num_classes"]) and torch.isfinite(logits.float()).all()
     info = pitome.merge_info(model)
-    assert info.merges == TokenSchedule(ratio=0.8).plan(tokens, prefix, TINY["depth"])
+    assert info.merges == MERGES_AT_0_8
     final = info.token_counts[-1]
     assert info.sizes.shape == (batch, final, 1)
     total = info.sizes.sum(dim=1).flatten()
@@ -217,10 +224,44 @@ def test_baseline_invariants_below_ratio_one(variant, algo, dtype, batch):
 
 @pytest.mark.parametrize("algo", BASELINES)
 def test_baselines_train_and_compile(algo):
-    model = build("vit").train()
+    model = build("vit").double().train()
     pitome.patch(model, algo=algo, ratio=0.8)
-    model(images(2)).square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    x = images(2).double().requires_grad_()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # the same plans every call, random matching's too
+        return model(x).square().mean()
+
+    loss().backward()
+    # Every parameter, and every patch of the input, takes part in the loss: each block
+    # attends over every token it is given before any of them is merged or dropped.
+    untrained = [name for name, p in model.named_parameters() if p.requires_grad
+                 and (p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.abs().sum() > 0)]
+    assert untrained == []
+    patch = TINY["patch_size"]
+    per_patch = x.grad.abs().unfold(2, patch, patch).unfold(3, patch, patch).sum(dim=(1, 4, 5))
+    assert (per_patch > 0).all()
+    # The gradient is the loss's: along a random direction of the parameters it matches a
+    # central difference (the plans, made without gradient, stay the same for so small a
+    # step). MCTF pools with the attention it planned from, which the backward pass
+    # treats as a constant, as it treats the plan.
+    if algo != "mctf":
+        generator = torch.Generator().manual_seed(1)
+        direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in params]
+        analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+        step = 1e-7
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+            plus = loss().item()
+            for p, d in zip(params, direction):
+                p.sub_(2 * step * d)
+            minus = loss().item()
+            for p, d in zip(params, direction):
+                p.add_(step * d)
+        assert analytic == pytest.approx((plus - minus) / (2 * step), rel=1e-5, abs=1e-8)
+    model.float()
     model.eval()
     x = images(2)
     if algo == "random":

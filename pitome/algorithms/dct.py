@@ -46,7 +46,8 @@ class LinearPlan:
 
     def weighted_mean(self, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         prefix, rest = x[:, :self.num_prefix], x[:, self.num_prefix:]
-        mixed = (self.matrix.to(torch.promote_types(x.dtype, torch.float32)) @ rest.float())
+        compute = torch.promote_types(x.dtype, torch.float32)
+        mixed = self.matrix.to(compute) @ rest.to(compute)
         kept = self.matrix.shape[0]
         share = sizes[:, self.num_prefix:].sum(dim=1, keepdim=True) / kept
         new_sizes = torch.cat([sizes[:, :self.num_prefix], share.expand(-1, kept, -1)], dim=1)

@@ -143,20 +143,17 @@ class MergePlan:
         compute = torch.promote_types(x.dtype, torch.float32)
         correction = (moving.to(compute) - target.to(compute)) * weight
         if self.max_norm:
-            merged = target.to(compute) + self._group_sum(correction, out_rows.shape[0])
+            # One merged row per destination (not per source: a row written once per source
+            # would take its gradient once per source too).
+            rows = out_rows.to(compute)
+            merged = rows.index_add(0, self.dst_rows, correction)
             group_norm = self.apply(x.to(compute).norm(dim=-1, keepdim=True), "amax")
-            scale = group_norm.view(-1, 1).index_select(0, self.dst_rows) \
-                / merged.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            correction = merged * scale - target.to(compute)
-            out_rows.index_copy_(0, self.dst_rows, (target.to(compute) + correction).to(x.dtype))
-            return out, new_sizes
+            scale = group_norm.view(-1, 1) / merged.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            receives = torch.zeros(rows.shape[0], 1, dtype=torch.bool, device=rows.device)
+            receives = receives.index_fill(0, self.dst_rows, True)
+            return torch.where(receives, merged * scale, rows).to(x.dtype).view_as(out), new_sizes
         out_rows.index_add_(0, self.dst_rows, correction.to(x.dtype))
         return out, new_sizes
-
-    def _group_sum(self, values: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """For each source row, the sum of ``values`` over every source of its destination."""
-        totals = values.new_zeros(num_rows, values.shape[-1]).index_add_(0, self.dst_rows, values)
-        return totals.index_select(0, self.dst_rows)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
