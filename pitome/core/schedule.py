@@ -42,13 +42,12 @@ def check_ratio(ratio: Any) -> float:
     number = scalar(ratio)
     if number is None:
         raise TypeError(f"ratio must be a number in [{MIN_RATIO}, 1], got {ratio!r}")
-    ratio = float(number)
-    if not MIN_RATIO <= ratio <= 1.0:
+    if not MIN_RATIO <= number <= 1.0:  # compared before float(): 10**400 has no float
         raise ValueError(
-            f"ratio={ratio} is out of range: it is the fraction of tokens kept per block and must "
+            f"ratio={number} is out of range: it is the fraction of tokens kept per block and must "
             f"lie in [{MIN_RATIO}, 1] (below {MIN_RATIO} a bipartite matching cannot remove enough "
             "tokens; 1 disables merging)")
-    return ratio
+    return float(number)
 
 
 def check_r(r: Any) -> int | list[int] | tuple[int, float]:
