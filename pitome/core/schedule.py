@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -127,10 +128,15 @@ def linear_r(r: int, num_blocks: int, inflection: float = 0.0) -> list[int]:
     """
     if num_blocks == 1:
         return [int(r)]
-    low = int(r * (1.0 - inflection))
-    high = 2 * r - low
-    step = (high - low) / (num_blocks - 1)
-    return [int(low + step * i) for i in range(num_blocks)]
+    try:
+        low = int(r * (1.0 - inflection))
+        high = 2 * r - low
+        step = (high - low) / (num_blocks - 1)
+        return [int(low + step * i) for i in range(num_blocks)]
+    except OverflowError:  # an r past float range: the same line in exact arithmetic
+        low = math.trunc(r * (1 - Fraction(inflection)))
+        step = Fraction(2 * r - 2 * low, num_blocks - 1)
+        return [math.trunc(low + step * i) for i in range(num_blocks)]
 
 
 @dataclass(frozen=True)
