@@ -267,9 +267,16 @@ def resolve_margin(margin: MarginSpec, block: int, num_blocks: int) -> float:
 
 def check_margin_depth(margin: MarginSpec, num_blocks: int) -> None:
     """Raise ValueError unless ``margin`` gives every one of ``num_blocks`` blocks a margin
-    in [-1, 1] (a callable is asked for each)."""
+    in [-1, 1] (a callable is asked for each, and TypeError if it returns no number)."""
     for block in range(num_blocks):
-        value = resolve_margin(margin, block, num_blocks)
+        if callable(margin):
+            returned = margin(block, num_blocks)
+            value = scalar(returned)
+            if value is None:
+                raise TypeError(f"margin({block}, {num_blocks}) returned {returned!r}; a margin "
+                                "callable returns a number in [-1, 1] for each block")
+        else:
+            value = resolve_margin(margin, block, num_blocks)
         if not -1.0 <= value <= 1.0:
             raise ValueError(f"margin gives block {block} the value {value}; margins lie in "
                              "[-1, 1]")
