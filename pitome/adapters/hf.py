@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.attention import multihead_attention, split_heads
+from ..core.registry import canonical_name
 from ..core.schedule import LinearMargin, MarginSpec
 from ..kernels.attention import proportional_attention
 from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer, ProjectionTap
@@ -405,7 +406,8 @@ class HuggingFaceAdapter:
         return self.family(model).merge_blocks  # type: ignore[union-attr]
 
     def preset_for(self, model: nn.Module, algo: str) -> str:
-        return self.family(model).presets.get(algo, algo)  # type: ignore[union-attr]
+        presets = self.family(model).presets  # type: ignore[union-attr]
+        return presets.get(canonical_name(algo), algo)  # "PiToMe" is "pitome" here too
 
     def stack(self, model: nn.Module) -> nn.ModuleList:
         return self._stack_and_owner(model)[0]

@@ -129,8 +129,13 @@ def register(name: str, factory: Callable[..., Algorithm], summary: str,
     return method
 
 
+def canonical_name(name: str) -> str:
+    """How a registered name is looked up: case-insensitive, ``-`` read as ``_``."""
+    return name.lower().replace("-", "_")
+
+
 def get_method(name: str) -> Method:
-    key = name.lower().replace("-", "_")
+    key = canonical_name(name)
     if key not in _METHODS:
         raise ValueError(f"unknown algorithm {name!r}; available: {', '.join(sorted(_METHODS))}")
     return _METHODS[key]

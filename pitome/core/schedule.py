@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -42,13 +43,12 @@ def check_ratio(ratio: Any) -> float:
     number = scalar(ratio)
     if number is None:
         raise TypeError(f"ratio must be a number in [{MIN_RATIO}, 1], got {ratio!r}")
-    ratio = float(number)
-    if not MIN_RATIO <= ratio <= 1.0:
+    if not MIN_RATIO <= number <= 1.0:  # compared before float(): 10**400 has no float
         raise ValueError(
-            f"ratio={ratio} is out of range: it is the fraction of tokens kept per block and must "
+            f"ratio={number} is out of range: it is the fraction of tokens kept per block and must "
             f"lie in [{MIN_RATIO}, 1] (below {MIN_RATIO} a bipartite matching cannot remove enough "
             "tokens; 1 disables merging)")
-    return ratio
+    return float(number)
 
 
 def check_r(r: Any) -> int | list[int] | tuple[int, float]:
@@ -128,10 +128,15 @@ def linear_r(r: int, num_blocks: int, inflection: float = 0.0) -> list[int]:
     """
     if num_blocks == 1:
         return [int(r)]
-    low = int(r * (1.0 - inflection))
-    high = 2 * r - low
-    step = (high - low) / (num_blocks - 1)
-    return [int(low + step * i) for i in range(num_blocks)]
+    try:
+        low = int(r * (1.0 - inflection))
+        high = 2 * r - low
+        step = (high - low) / (num_blocks - 1)
+        return [int(low + step * i) for i in range(num_blocks)]
+    except OverflowError:  # an r past float range: the same line in exact arithmetic
+        low = math.trunc(r * (1 - Fraction(inflection)))
+        step = Fraction(2 * r - 2 * low, num_blocks - 1)
+        return [math.trunc(low + step * i) for i in range(num_blocks)]
 
 
 @dataclass(frozen=True)
@@ -262,9 +267,16 @@ def resolve_margin(margin: MarginSpec, block: int, num_blocks: int) -> float:
 
 def check_margin_depth(margin: MarginSpec, num_blocks: int) -> None:
     """Raise ValueError unless ``margin`` gives every one of ``num_blocks`` blocks a margin
-    in [-1, 1] (a callable is asked for each)."""
+    in [-1, 1] (a callable is asked for each, and TypeError if it returns no number)."""
     for block in range(num_blocks):
-        value = resolve_margin(margin, block, num_blocks)
+        if callable(margin):
+            returned = margin(block, num_blocks)
+            value = scalar(returned)
+            if value is None:
+                raise TypeError(f"margin({block}, {num_blocks}) returned {returned!r}; a margin "
+                                "callable returns a number in [-1, 1] for each block")
+        else:
+            value = resolve_margin(margin, block, num_blocks)
         if not -1.0 <= value <= 1.0:
             raise ValueError(f"margin gives block {block} the value {value}; margins lie in "
                              "[-1, 1]")
