@@ -89,8 +89,17 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
         margin=adapter.margin_for(model) if margin is None else margin,
         prop_attn=method.defaults.get("prop_attn", False) if prop_attn is None else prop_attn,
         metric=metric, trace_source=trace_source, keep_plans=keep_plans)
+    earlier = [(module, patcher.patch_of(module).runtime.config)  # type: ignore[union-attr]
+               for module in model.modules() if patcher.patch_of(module) is not None]
     patcher.clear_for(model)
-    patcher.apply(model, adapter.patch(model, config))
+    try:
+        patcher.apply(model, adapter.patch(model, config))
+    except BaseException:
+        # Checks against the model itself (its depth, its token count) run as the adapter
+        # patches it: a refused patch leaves the model as it was, earlier patches included.
+        for module, kept in earlier:
+            patcher.apply(module, find_adapter(module).patch(module, kept))
+        raise
     return model
 
 

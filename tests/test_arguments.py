@@ -69,3 +69,21 @@ def test_bad_arguments_fail_at_patch_time_naming_themselves(arguments, error, me
         pitome.patch(model, **arguments)
     assert pitome.merge_config(model) is None
     assert not any("Merging" in type(module).__name__ for module in model.modules())
+
+
+@pytest.mark.parametrize("refused", [dict(merge_blocks=[9]), dict(margin=[0.5, 0.4]),
+                                     dict(r=40), dict(ratio=0.2)])
+def test_a_refused_patch_keeps_the_earlier_one(refused):
+    # Some checks need the model (its depth, its token count) and run as the adapter
+    # patches; the earlier patch must survive them as it survives the others.
+    model = build("vit")
+    pitome.patch(model, algo="tome", ratio=0.8)
+    x = images(2)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises((ValueError, TypeError)):
+        pitome.patch(model, algo="pitome", **refused)
+    config = pitome.merge_config(model)
+    assert config is not None and config.algo == "tome" and config.schedule.ratio == 0.8
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)

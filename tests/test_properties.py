@@ -758,12 +758,7 @@ def check_refusal(trial: Trial, error: BaseException, stage: str, earlier: dict 
         patch = patch_of(model)
         assert patch is not None and patch.runtime.current() is None
         assert pitome.merge_info(model) is None
-    elif earlier is None or pitome.merge_config(model) is None:
-        # A refused patch changes nothing. Narrowed: on a patched model a patch refused by
-        # the adapter's checks against the model (merge_blocks past the depth, a margin list
-        # of the wrong length, an r the model cannot merge) has already removed the earlier
-        # patch, while one refused before (a bad ratio) keeps it; either is accepted here as
-        # long as the model is left whole, patched or not (reported with this module).
+    elif earlier is None:  # a refused patch changes nothing
         assert pitome.merge_config(model) is None
         assert not _merging_modules(model)
     else:  # the earlier patch is kept whole, and works

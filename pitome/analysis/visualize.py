@@ -63,7 +63,7 @@ def paint_groups(picture: torch.Tensor, groups: torch.Tensor, grid: tuple[int, i
 def visualize(model: torch.nn.Module, image_path: str | Path, algos: Sequence[str], ratio: float,
               out: str | Path, block: int = -1, caption: str | None = None) -> Path:
     """Write a PNG: the image, then one panel per algorithm with its merged groups painted;
-    ``caption`` (e.g. "RANDOM WEIGHTS") is written in red over the input panel."""
+    ``caption`` (e.g. "RANDOM WEIGHTS") is written in red beside the input's label."""
     image_module = require("PIL.Image", "eval")
     from ..tasks.image_classification import model_transform
 
@@ -87,8 +87,8 @@ def visualize(model: torch.nn.Module, image_path: str | Path, algos: Sequence[st
     panel_width = picture.shape[2] + gap.shape[2]
     for index, label in enumerate(["input", *(f"{algo}, ratio {ratio:g}" for algo in algos)]):
         draw.text((index * panel_width + 4, 3), label, fill="black")
-    if caption:
-        draw.text((4, LABEL_HEIGHT + 3), caption, fill="red")
+    if caption:  # beside the input's label, off the pictures
+        draw.text((48, 3), caption, fill="red")
     out = Path(out)
     canvas.save(out)
     return out
