@@ -124,6 +124,13 @@ class MergingLayer:
         """``x`` (plus ``residual``, added inside the merge kernel) with this block's
         scheduled merge applied. ``bias`` is the block's key bias if the layer made one
         (None: made here, only if an algorithm reads the attention)."""
+        try:
+            return self._pitome_merged(session, x, bias, scale, residual)
+        finally:  # the keys and queries (views of the whole q/k/v) must not outlive the merge
+            session.keys = session.queries = session.metric = None
+
+    def _pitome_merged(self, session: Session, x: torch.Tensor, bias: torch.Tensor | None,
+                       scale: float, residual: torch.Tensor | None) -> torch.Tensor:
         state: MergeState = session.state  # type: ignore[assignment]
         block = self.__dict__[INDEX_ATTR]
         if not state.merges[block]:
