@@ -655,3 +655,12 @@ def test_hybrids_switch_at_half_the_depth():
     for num_blocks, early in ((4, 2), (12, 6), (5, 3)):
         chosen = [default._choose(b, num_blocks) for b in range(num_blocks)]
         assert chosen == [default.early] * early + [default.late] * (num_blocks - early)
+
+
+def test_diffrate_similarity_pairs_are_tail_times_kept_when_merging():
+    # Merging compares each of the r least-attended tokens with each kept one; pruning
+    # compares none. (DiffRate counted 0 in both modes before.)
+    from pitome.algorithms.diffrate import DiffRate
+
+    assert DiffRate("merge").similarity_pairs(196, 0, 12, r=19) == 19 * 177
+    assert DiffRate("prune").similarity_pairs(196, 0, 12, r=19) == 0

@@ -31,5 +31,6 @@ class CrossGET(Algorithm):
         return assemble(ctx.num_prefix, kept=others[:, :0], destinations=others, src=sources,
                         dst_in_destinations=permitted.argmax(dim=-1))
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return mergeable ** 2

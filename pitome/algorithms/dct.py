@@ -82,5 +82,6 @@ class DCT(Algorithm):
             self._cache[key] = downsampling_matrix(tokens, tokens - ctx.r, metric.device)
         return LinearPlan(ctx.num_prefix, self._cache[key])
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return 0

@@ -43,5 +43,8 @@ class DiffRate(Algorithm):
         return assemble(ctx.num_prefix, kept=kept[:, :0], destinations=kept, src=tail,
                         dst_in_destinations=scores.argmax(dim=-1))
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
-        return 0
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
+        """Merging compares each of the ``r`` tail tokens with every kept one; pruning
+        compares nothing (the class attention it ranks by is the block's own)."""
+        return 0 if self.mode == "prune" else r * (mergeable - r)

@@ -25,7 +25,8 @@ class RandomMatching(Algorithm):
         return assemble(ctx.num_prefix, kept=kept, destinations=destinations, src=sources,
                         dst_in_destinations=targets)
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return 0
 
 
@@ -43,5 +44,6 @@ class AttentionPruning(Algorithm):
         tokens = order.shape[1]
         return prune(ctx.num_prefix, kept=order[:, :tokens - ctx.r], dropped=order[:, tokens - ctx.r:])
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return 0

@@ -85,7 +85,8 @@ class MCTF(Algorithm):
         return assemble(num_prefix, kept=kept, destinations=destinations, src=src,
                         dst_in_destinations=position.gather(1, final))
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         half = mergeable // 2
         return 2 * half * ((mergeable + 1) // 2)
 

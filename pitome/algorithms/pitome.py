@@ -70,7 +70,8 @@ class PiToMe(Algorithm):
         return bipartite_merge(mergeable, ctx.r, ctx.num_prefix, order, pooled, self.split,
                                padding=ctx.padding)
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return mergeable ** 2
 
 
@@ -86,7 +87,8 @@ class Hybrid(Algorithm):
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         return self._choose(ctx.block, ctx.num_blocks)(metric, ctx)
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return self._choose(block, num_blocks).similarity_pairs(mergeable, block, num_blocks)
 
     def _choose(self, block: int, num_blocks: int) -> Algorithm:

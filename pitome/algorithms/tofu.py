@@ -32,5 +32,6 @@ class ToFu(Algorithm):
             return replace(plan, drop_src=True)
         return replace(plan, max_norm=True)
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return self.matching.similarity_pairs(mergeable, block, num_blocks)

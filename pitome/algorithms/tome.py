@@ -31,5 +31,6 @@ class ToMe(Algorithm):
         return bipartite_merge(metric[:, ctx.num_prefix:], ctx.r, ctx.num_prefix, start=start,
                                padding=ctx.padding)
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
         return (mergeable // 2) * ((mergeable + 1) // 2)

@@ -105,16 +105,18 @@ def similarity_macs(algorithm: object, token_counts: Sequence[int], num_prefix: 
     as comparing all pairs. Everything else in a merge is memory traffic, not arithmetic.
     """
     num_blocks = len(token_counts) - 1
-    return sum(merge_macs(algorithm, block, num_blocks, tokens_in - num_prefix, metric_width)
+    return sum(merge_macs(algorithm, block, num_blocks, tokens_in - num_prefix, metric_width,
+                          tokens_in - tokens_out)
                for block, (tokens_in, tokens_out) in enumerate(zip(token_counts[:-1],
                                                                    token_counts[1:]))
                if tokens_in != tokens_out)
 
 
 def merge_macs(algorithm: Algorithm, block: int, num_blocks: int, mergeable: int,
-               metric_width: int) -> int:
-    """Similarity MACs of one merging block (see :func:`similarity_macs`)."""
-    return algorithm.similarity_pairs(mergeable, block, num_blocks) * metric_width
+               metric_width: int, r: int) -> int:
+    """Similarity MACs of one merging block removing ``r`` tokens (see
+    :func:`similarity_macs`)."""
+    return algorithm.similarity_pairs(mergeable, block, num_blocks, r) * metric_width
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,8 @@ def flops(model: nn.Module, inputs) -> FlopsReport:
     blocks = []
     for index, (tokens_in, tokens_out) in enumerate(zip(counts[:-1], counts[1:])):
         merge = 0 if config is None or tokens_in == tokens_out else merge_macs(
-            config.algorithm, index, shape.num_blocks, tokens_in - prefix, head_dim)
+            config.algorithm, index, shape.num_blocks, tokens_in - prefix, head_dim,
+            tokens_in - tokens_out)
         blocks.append(BlockCost(index, tokens_in, tokens_out,
                                 4 * tokens_in * width ** 2 + 2 * tokens_in ** 2 * width,
                                 2 * tokens_out * width * shape.mlp_hidden, merge))

@@ -69,9 +69,10 @@ class Algorithm(ABC):
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         """The plan removing ``ctx.r`` tokens of this block."""
 
-    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int) -> int:
-        """Metric rows compared per image to plan a block of ``mergeable`` tokens (FLOPs);
-        all pairs unless the algorithm compares fewer."""
+    def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
+                         r: int = 0) -> int:
+        """Metric rows compared per image to plan a block of ``mergeable`` tokens that
+        removes ``r`` of them (FLOPs); all pairs unless the algorithm compares fewer."""
         return mergeable ** 2
 
 
