@@ -18,6 +18,9 @@ MAX_LENGTH = 1024
 def argsort_rows(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """Stable ``values.argsort(dim=-1, descending=descending)`` of a ``B×n`` tensor."""
     batch, length = values.shape
+    if torch.compiler.is_exporting() and length > 0:
+        # ONNX has no stable sort; its TopK breaks ties by the lower index, which is one.
+        return values.topk(length, dim=-1, largest=descending, sorted=True).indices
     if length > MAX_LENGTH or length == 0 or not use_triton(values):
         return values.argsort(dim=-1, descending=descending, stable=True)
     from . import _triton

@@ -72,6 +72,12 @@ class Runtime:
 
     def open(self) -> Session:
         """Start this thread's session for a new forward (dropping any a failed one left)."""
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "a merged model cannot be traced by torch.jit.trace or the TorchScript ONNX "
+                "exporter (torch.onnx.export with dynamo=False): the trace would record one "
+                "batch's merge indices and be wrong at any other batch; use torch.export.export "
+                "or torch.onnx.export(..., dynamo=True), which keep the batch dynamic")
         session = Session(self)
         self._local.session = session
         return session
