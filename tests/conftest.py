@@ -55,3 +55,21 @@ def images(batch: int, seed: int = 1) -> torch.Tensor:
 def need_shared() -> None:
     if not (VIT_TINY.is_file() and IMAGENET_SAMPLE.is_dir()):
         pytest.skip(f"shared ViT-Tiny weights and ImageNet sample not found under {SHARED}")
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 3,
+                 broken: str | None = None) -> Path:
+    """An ImageFolder tree of small random PNGs (``n0000000{label}/img{i}.png``), plus a file
+    named ``broken`` in the first class that no image library can decode."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in range(classes):
+        folder = root / f"n0000000{label}"
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"img{index}.png")
+    if broken:
+        (root / "n00000000" / broken).write_bytes(b"\xff\xd8\xff not an image")
+    return root

@@ -11,25 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import image_folder
 
 from pitome.cli import build_parser, main
 
 TINY_TIMM = "vit_tiny_patch16_224"
-
-
-def image_folder(root: Path, classes: int = 2, per_class: int = 2, corrupt: bool = False) -> Path:
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for label in range(classes):
-        folder = root / f"n0000000{label}"
-        folder.mkdir(parents=True)
-        for index in range(per_class):
-            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"img{index}.png")
-    if corrupt:
-        (root / "n00000000" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    return root
 
 
 def fails(args: list[str], capsys, status: int) -> str:
@@ -69,7 +55,7 @@ def test_eval_arguments_are_refused_before_any_cell(tmp_path, capsys, flag, valu
 
 
 def test_eval_refuses_another_setup_and_keeps_it_with_fresh(tmp_path, capsys):
-    data, out = image_folder(tmp_path / "images"), tmp_path / "out"
+    data, out = image_folder(tmp_path / "images", per_class=2), tmp_path / "out"
     assert main(imagenet(data, out, "--limit", "3")) == 0
     first = (out / "results.json").read_text()
     line = fails(imagenet(data, out, "--limit", "4"), capsys, status=1)
@@ -82,7 +68,7 @@ def test_eval_refuses_another_setup_and_keeps_it_with_fresh(tmp_path, capsys):
 
 
 def test_eval_the_same_data_typed_relative_or_absolute_resumes(tmp_path, capsys, monkeypatch):
-    data, out = image_folder(tmp_path / "images"), tmp_path / "out"
+    data, out = image_folder(tmp_path / "images", per_class=2), tmp_path / "out"
     assert main(imagenet(data, out)) == 0
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
@@ -91,7 +77,7 @@ def test_eval_the_same_data_typed_relative_or_absolute_resumes(tmp_path, capsys,
 
 
 def test_eval_a_corrupt_results_file_is_named_and_kept(tmp_path, capsys):
-    data, out = image_folder(tmp_path / "images"), tmp_path / "out"
+    data, out = image_folder(tmp_path / "images", per_class=2), tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text('{"setup": {"task": ')
     line = fails(imagenet(data, out), capsys, status=1)
@@ -100,7 +86,7 @@ def test_eval_a_corrupt_results_file_is_named_and_kept(tmp_path, capsys):
 
 
 def test_eval_without_weights_is_refused_and_random_weights_are_labelled(tmp_path, capsys):
-    data, out = image_folder(tmp_path / "images"), tmp_path / "out"
+    data, out = image_folder(tmp_path / "images", per_class=2), tmp_path / "out"
     args = [arg for arg in imagenet(data, out) if arg != "--random-weights"]
     line = fails(args, capsys, status=2)
     assert "--checkpoint" in line and "--pretrained" in line and "--random-weights" in line
@@ -110,7 +96,7 @@ def test_eval_without_weights_is_refused_and_random_weights_are_labelled(tmp_pat
 
 
 def test_classes_file_missing_folders_is_refused(tmp_path, capsys):
-    data = image_folder(tmp_path / "images", classes=3)
+    data = image_folder(tmp_path / "images", classes=3, per_class=2)
     (data / "classes.tsv").write_text("index\tsynset\n0\tn00000000\n1\tn00000001\n")
     line = fails(imagenet(data, tmp_path / "out"), capsys, status=1)
     assert "classes.tsv" in line and "n00000002" in line
@@ -124,7 +110,7 @@ def test_classes_file_missing_folders_is_refused(tmp_path, capsys):
     ("path\tlabel\nn00000000/nothere.png\t0\n", "do not exist"),
 ])
 def test_bad_label_rows_are_named_by_file_and_line(tmp_path, capsys, table, expected):
-    data = image_folder(tmp_path / "images")
+    data = image_folder(tmp_path / "images", per_class=2)
     (data / "labels.tsv").write_text(table)
     assert expected in fails(imagenet(data, tmp_path / "out"), capsys, status=1)
 
@@ -161,7 +147,7 @@ def test_bad_flags_fail_before_work(capsys, args, expected):
 
 
 def test_spectrum_refuses_methods_without_groups_and_skips_unreadable_images(tmp_path, capsys):
-    data = image_folder(tmp_path / "images", classes=1, corrupt=True)
+    data = image_folder(tmp_path / "images", classes=1, per_class=2, broken="broken.jpg")
     line = fails(["spectrum", "--model", TINY_TIMM, "--data", str(data), "--algos", "tome,dct",
                   "--random-weights", "--limit", "2"], capsys, status=1)
     assert "dct has no spectral distance" in line and "linear resampling" in line
@@ -173,14 +159,14 @@ def test_spectrum_refuses_methods_without_groups_and_skips_unreadable_images(tmp
 
 
 def test_spectrum_and_visualize_need_chosen_weights(tmp_path, capsys):
-    data = image_folder(tmp_path / "images", classes=1)
+    data = image_folder(tmp_path / "images", classes=1, per_class=2)
     for args in (["spectrum", "--data", str(data)],
                  ["visualize", str(next(data.rglob("*.png")))]):
         assert "--random-weights" in fails([*args, "--model", TINY_TIMM], capsys, status=2)
 
 
 def test_visualize_block_outside_the_model(tmp_path, capsys):
-    data = image_folder(tmp_path / "images", classes=1)
+    data = image_folder(tmp_path / "images", classes=1, per_class=2)
     image = next(data.rglob("*.png"))
     line = fails(["visualize", str(image), "--model", TINY_TIMM, "--block", "99",
                   "--random-weights", "--out", str(tmp_path / "x.png")], capsys, status=2)

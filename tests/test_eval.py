@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGENET_SAMPLE, SHARED, VIT_TINY, need_shared
+from conftest import IMAGENET_SAMPLE, SHARED, VIT_TINY, image_folder, need_shared
 
 from pitome.cli import main
 from pitome.tasks.retrieval import read_karpathy, recall_at
@@ -104,21 +104,6 @@ def test_karpathy_and_list_annotations(tmp_path):
 
 
 # ----------------------------------------------------------------------------- imagenet
-def image_folder(root: Path, per_class: int = 3, classes: int = 2, broken: bool = True) -> Path:
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for label in range(classes):
-        folder = root / f"n0000000{label}"
-        folder.mkdir(parents=True)
-        for index in range(per_class):
-            pixels = (torch.rand(40, 48, 3, generator=generator) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"img{index}.png")
-    if broken:
-        (root / "n00000000" / "broken.png").write_bytes(b"not an image")
-    return root
-
-
 def run_cli(args: list[str], capsys) -> tuple[str, str]:
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -126,7 +111,7 @@ def run_cli(args: list[str], capsys) -> tuple[str, str]:
 
 
 def test_imagenet_end_to_end_with_a_bad_image_and_resume(tmp_path, capsys):
-    data, out = image_folder(tmp_path / "images"), tmp_path / "out"
+    data, out = image_folder(tmp_path / "images", broken="broken.png"), tmp_path / "out"
     args = ["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--ratio", "0.9",
             "--batch-size", "4", "--out", str(out), "--random-weights"]
     stdout, stderr = run_cli(args + ["--algo", "none,tome"], capsys)
@@ -147,7 +132,7 @@ def test_imagenet_end_to_end_with_a_bad_image_and_resume(tmp_path, capsys):
 
 
 def test_imagenet_label_outside_the_classes_is_refused(tmp_path):
-    data = image_folder(tmp_path / "images", broken=False)
+    data = image_folder(tmp_path / "images")
     (data / "labels.tsv").write_text("path\tlabel\nn00000000/img0.png\t5000\n")
     with pytest.raises(ValueError, match="outside the model's 1000 classes"):
         main(["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--algo", "none",
@@ -175,7 +160,7 @@ def test_random_weights_are_the_same_in_every_process():
 
 
 def test_two_processes_give_the_same_numbers_as_one(tmp_path):
-    data = image_folder(tmp_path / "images", per_class=5)
+    data = image_folder(tmp_path / "images", per_class=5, broken="broken.png")
     common = ["eval", "imagenet", "--data", str(data), "--model", TINY_TIMM, "--algo",
               "none,pitome", "--ratio", "0.9", "--batch-size", "3", "--no-plot", "--random-weights"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

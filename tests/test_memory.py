@@ -1,24 +1,23 @@
 """Merging never holds more memory than the unpatched model: the peak of live tensor bytes
 during a forward, tracked op by op (so it runs on a CPU), at ViT-B's width.
 
-On a GPU ``tests/test_gpu_families.py`` checks the allocator's own peak the same way.
+On a GPU ``tests/test_gpu_families.py`` checks the allocator's own peak the same way; its
+model builders serve both.
 """
 
 from __future__ import annotations
 
 import weakref
+from functools import partial
 
 import pytest
 import torch
+from test_gpu_families import FAMILIES as VISION_FAMILIES, VIT_B
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pitome
 
-transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
-
-WIDTH = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=3, num_attention_heads=12,
-             image_size=224, patch_size=16)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -52,26 +51,8 @@ def timm_vit():
     return VisionTransformer(embed_dim=768, depth=3, num_heads=12), lambda m, x: m(x)
 
 
-def hf_clip():
-    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**WIDTH))
-    return model, lambda m, x: m(pixel_values=x).last_hidden_state
-
-
-def hf_vit():
-    model = transformers.ViTModel(transformers.ViTConfig(**WIDTH), add_pooling_layer=False)
-    return model, lambda m, x: m(pixel_values=x).last_hidden_state
-
-
-def open_clip_tower():
-    pytest.importorskip("open_clip")
-    from open_clip.transformer import VisionTransformer
-
-    model = VisionTransformer(image_size=224, patch_size=16, width=768, layers=3, heads=12,
-                              mlp_ratio=4.0, output_dim=64)
-    return model, lambda m, x: m(x)
-
-
-FAMILIES = {"timm": timm_vit, "hf-clip": hf_clip, "hf-vit": hf_vit, "open_clip": open_clip_tower}
+FAMILIES = {"timm": timm_vit,
+            **{name: partial(build, **VIT_B) for name, build in VISION_FAMILIES.items()}}
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
