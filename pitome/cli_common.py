@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 from .api import DEFAULT_RATIO
 from .core.registry import available_algorithms
-from .core.schedule import MIN_RATIO
+from .core.schedule import MIN_RATIO, check_ratio
 
 METHOD_DOC = "docs/method.md"
 
@@ -45,15 +45,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 def ratio(text: str) -> float:
-    """An argparse type: one keep ratio in [0.5, 1]."""
+    """An argparse type: one keep ratio in [0.5, 1] (:func:`pitome.core.schedule.check_ratio`)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not MIN_RATIO <= value <= 1.0:
+    try:
+        return check_ratio(value)
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text} is outside [{MIN_RATIO:g}, 1], the fraction of tokens each block keeps")
-    return value
+            f"{text} is outside [{MIN_RATIO:g}, 1], the fraction of tokens each block keeps"
+        ) from None
 
 
 def ratio_list(text: str) -> list[float]:

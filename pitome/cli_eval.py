@@ -114,7 +114,7 @@ def run_eval(args: argparse.Namespace) -> int:
     cells = grid(algos, args.ratio)
     out = Path(args.out or f"results/eval-{args.task}")
     processes = start_processes(args.device)
-    task = _build_task(args, processes)
+    task = _build_task(args, processes, weights)
     if weights == "random weights":
         task.title = RANDOM_WEIGHTS_TITLE + task.title
     setup = {"task": args.task, "model": args.model, "data": _where(args.data),
@@ -139,10 +139,10 @@ def _where(value):
     return value
 
 
-def _build_task(args: argparse.Namespace, processes):
+def _build_task(args: argparse.Namespace, processes, weights: str | None):
     dtype = DTYPES[args.dtype]
     if args.task == "imagenet":
-        return _imagenet(args, processes, dtype)
+        return _imagenet(args, processes, dtype, weights)
     if args.task == "text":
         from .tasks.text import build_text_evaluation
 
@@ -156,8 +156,7 @@ def _build_task(args: argparse.Namespace, processes):
     return build_vqa_evaluation(args, processes, dtype)
 
 
-def _imagenet(args: argparse.Namespace, processes, dtype):
-    weights = weights_label(args)
+def _imagenet(args: argparse.Namespace, processes, dtype, weights: str):
     from .models import create_timm_model
     from .tasks.image_classification import ImageNetEvaluation, read_image_folder
 
