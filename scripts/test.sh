@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q -m "not slow" -rs "$@"
+exec .venv/bin/python -m pytest -q -m "not slow" -rs -n "${PYTEST_WORKERS:-auto}" --durations=20 "$@"

@@ -13,6 +13,11 @@ if not torch.cuda.is_available():
     # chosen before Triton is first imported (timm imports it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Each worker is a process of its own: one thread each keeps the cores from
+    # oversubscribing (the tests' models are too small to gain from more).
+    torch.set_num_threads(1)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VIT_TINY = SHARED / "models" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
