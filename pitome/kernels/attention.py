@@ -46,14 +46,14 @@ def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout,
                                              scale=scale)
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-    from . import _triton
+    from .jit.attention import proportional_attention_kernel
 
     if not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(batch, tokens, heads, head_dim, dtype=q.dtype, device=q.device)
     block_m = 64
     grid = (-(-tokens // block_m), batch * heads)
-    _triton.proportional_attention_kernel[grid](
+    proportional_attention_kernel[grid](
         q, k, v, sizes.float().contiguous(), out, heads, tokens, scale * LOG2_E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2), out.stride(1),

@@ -61,7 +61,7 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     if (dim > MAX_METRIC_DIM or num_a > MAX_SET or num_b == 0 or not 0 < r <= num_a
             or not use_triton(metric)):
         return None
-    from . import _triton
+    from .jit.bipartite import best_partner_kernel, bipartite_plan_kernel
 
     device = metric.device
     metric, heads, stride_h = metric_rows(metric)
@@ -70,7 +70,7 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     score = torch.empty(batch, num_a, dtype=torch.float32, device=device)
     partner = torch.empty(batch, num_a, dtype=torch.long, device=device)
     block = SMALL_BLOCK_TOKENS if is_small_batch(batch) else BLOCK_TOKENS
-    _triton.best_partner_kernel[(batch, -(-num_a // block))](
+    best_partner_kernel[(batch, -(-num_a // block))](
         metric, order, order, score, partner, num_a, num_b, dim, metric.stride(0),
         metric.stride(1), stride_h, tokens, set_a[0], set_a[1], tokens, set_b[0], set_b[1],
         LOOKUP=ordered, HEADS=heads, BLOCK_A=block, BLOCK_B=block,
@@ -79,7 +79,7 @@ def bipartite_plan(metric: torch.Tensor, order: torch.Tensor | None, pooled: int
     plan, outputs = _plan_outputs(batch, tokens, num_prefix, r, device)
     rank = _rank_scratch(batch, num_a, device)
     block_a = row_block(num_a)
-    _triton.bipartite_plan_kernel[(batch,)](
+    bipartite_plan_kernel[(batch,)](
         score, partner, order, rank, *outputs, batch, tokens, pooled, num_prefix, r, num_a,
         set_a[0], set_a[1], num_b, set_b[0], set_b[1], ORDERED=ordered, ALL_MERGE=r == num_a,
         BLOCK_A=block_a, CHUNK=CHUNK, num_warps=row_warps(block_a))
@@ -106,7 +106,7 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     split = energy_partials(metric, energy)
     if split is None:
         return None
-    from . import _triton
+    from .jit.bipartite import energy_plan_kernel
 
     partials, weights = split
     device = metric.device
@@ -117,7 +117,7 @@ def energy_bipartite_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: i
     plan, outputs = _plan_outputs(batch, tokens, num_prefix, r, device)
     rank = _rank_scratch(batch, num_a, device)
     block_t, block_a = row_block(tokens), row_block(num_a)
-    _triton.energy_plan_kernel[(batch,)](
+    energy_plan_kernel[(batch,)](
         metric, partials, energy_out if weights is None else weights, energy_out, order, score,
         partner, rank, *outputs, batch, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
         partials.shape[1], pooled, num_prefix, r, num_a, set_a[0], set_a[1], num_b, set_b[0],
@@ -132,14 +132,14 @@ def _energy_tile_plan(metric: torch.Tensor, energy: EnergyOptions, pooled: int,
                       set_a: tuple[int, int, int], set_b: tuple[int, int, int], r: int,
                       num_prefix: int) -> MergePlan:
     """:func:`energy_bipartite_plan` for items whose tokens fit one tile, in one launch."""
-    from . import _triton
+    from .jit.tile_plan import energy_tile_plan_kernel
 
     metric, heads, stride_h = metric_rows(metric)
     batch, tokens, dim = metric.shape[0], metric.shape[1], metric.shape[-1]
     plan, outputs = _plan_outputs(batch, tokens, num_prefix, r, metric.device)
     weights = None if energy.weights is None else energy.weights.float().contiguous()
     block = row_block(tokens)
-    _triton.energy_tile_plan_kernel[(batch,)](
+    energy_tile_plan_kernel[(batch,)](
         metric, plan.keep if weights is None else weights, *outputs, batch, tokens, dim,
         metric.stride(0), metric.stride(1), stride_h,
         *energy_scalars(energy.margin, energy.alpha), pooled, num_prefix, r,

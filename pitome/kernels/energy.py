@@ -50,13 +50,13 @@ def token_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "elu",
     if dim > MAX_METRIC_DIM or not use_triton(metric):
         metric = head_mean(metric)
         return energy_score(cosine_similarity(unit_rows(metric)), margin, kind, alpha, weights)
-    from . import _triton
+    from .jit.energy import energy_kernel
 
     metric, heads, stride_h = metric_rows(metric)
     out = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
     weights = out if weights is None else weights.float().contiguous()
     grid = (batch, -(-tokens // BLOCK_TOKENS))
-    _triton.energy_kernel[grid](
+    energy_kernel[grid](
         metric, weights, out, tokens, dim, metric.stride(0), metric.stride(1), stride_h,
         *energy_scalars(margin, alpha), KIND=ENERGY_KINDS.index(kind),
         HAS_WEIGHTS=weights is not out, HEADS=heads,
@@ -88,14 +88,14 @@ def tokens_by_energy(metric: torch.Tensor, margin: float, kind: EnergyKind = "el
     split = energy_partials(metric, options)
     if split is None:
         return argsort_rows(token_energy(metric, *options), descending=True)
-    from . import _triton
+    from .jit.energy import energy_order_kernel
 
     partials, weights = split
     batch, blocks, tokens = partials.shape
     energy = torch.empty(batch, tokens, dtype=torch.float32, device=metric.device)
     order = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
     block = row_block(tokens)
-    _triton.energy_order_kernel[(batch,)](
+    energy_order_kernel[(batch,)](
         partials, energy if weights is None else weights, energy, order, tokens, blocks,
         HAS_WEIGHTS=weights is not None, BLOCK=block, CHUNK=32, num_warps=row_warps(block))
     return order
@@ -115,13 +115,13 @@ def energy_partials(metric: torch.Tensor, options: EnergyOptions
     if (not use_triton(metric) or not is_small_batch(batch) or tokens > MAX_LENGTH
             or options.kind not in ENERGY_KINDS or dim > MAX_METRIC_DIM):
         return None
-    from . import _triton
+    from .jit.energy import energy_partials_kernel
 
     metric, heads, stride_h = metric_rows(metric)
     blocks = -(-tokens // SPLIT_BLOCK)
     partials = torch.empty(batch, blocks, tokens, dtype=torch.float32, device=metric.device)
     weights = None if options.weights is None else options.weights.float().contiguous()
-    _triton.energy_partials_kernel[(batch, blocks, blocks)](
+    energy_partials_kernel[(batch, blocks, blocks)](
         metric, partials if weights is None else weights, partials, tokens, dim,
         metric.stride(0), metric.stride(1), stride_h,
         *energy_scalars(options.margin, options.alpha), KIND=ENERGY_KINDS.index(options.kind),

@@ -30,7 +30,7 @@ def merge_tokens(plan: MergePlan, x: torch.Tensor, sizes: torch.Tensor | None,
         if sizes is None:
             sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         return plan.weighted_mean(x, sizes)
-    from . import _triton
+    from .jit.merge import merge_rows_kernel
 
     batch, _, channels = x.shape
     rows = batch * plan.num_out
@@ -41,7 +41,7 @@ def merge_tokens(plan: MergePlan, x: torch.Tensor, sizes: torch.Tensor | None,
     out = torch.empty(batch, plan.num_out, channels, dtype=x.dtype, device=x.device)
     new_sizes = torch.empty(batch, plan.num_out, 1, dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
-    _triton.merge_rows_kernel[(rows,)](
+    merge_rows_kernel[(rows,)](
         x, residual, new_sizes if sizes is None else sizes.contiguous(), plan.keep.contiguous(),
         offsets, sources, out, new_sizes, channels, tokens_in, plan.num_out,
         HAS_RESIDUAL=residual is not x,

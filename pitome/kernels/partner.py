@@ -29,7 +29,7 @@ def best_partner(metric: torch.Tensor, a_idx: torch.Tensor,
     batch, _, dim = metric.shape
     if dim > MAX_METRIC_DIM or not use_triton(metric):
         return pair_scores(metric, a_idx, b_idx).max(dim=-1)
-    from . import _triton
+    from .jit.bipartite import best_partner_kernel
 
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
@@ -38,7 +38,7 @@ def best_partner(metric: torch.Tensor, a_idx: torch.Tensor,
     score = torch.empty(batch, num_a, dtype=torch.float32, device=metric.device)
     index = torch.empty(batch, num_a, dtype=torch.long, device=metric.device)
     grid = (batch, -(-num_a // BLOCK_TOKENS))
-    _triton.best_partner_kernel[grid](
+    best_partner_kernel[grid](
         metric, a_idx, b_idx, score, index, num_a, num_b, dim, metric.stride(0),
         metric.stride(1), 0, num_a, 0, 1, num_b, 0, 1, LOOKUP=True, HEADS=1, BLOCK_A=BLOCK_TOKENS,
         BLOCK_B=BLOCK_TOKENS, BLOCK_D=metric_block(dim), PRECISION=dot_precision())

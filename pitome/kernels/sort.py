@@ -23,11 +23,11 @@ def argsort_rows(values: torch.Tensor, descending: bool = False) -> torch.Tensor
         return values.topk(length, dim=-1, largest=descending, sorted=True).indices
     if length > MAX_LENGTH or length == 0 or not use_triton(values):
         return values.argsort(dim=-1, descending=descending, stable=True)
-    from . import _triton
+    from .jit.ranks import row_ranks_kernel
 
     values = values.contiguous()
     order = torch.empty(batch, length, dtype=torch.long, device=values.device)
     block = row_block(length)
-    _triton.row_ranks_kernel[(batch,)](values, order, length, DESCENDING=descending,
+    row_ranks_kernel[(batch,)](values, order, length, DESCENDING=descending,
                                        BLOCK=block, CHUNK=32, num_warps=row_warps(block))
     return order
