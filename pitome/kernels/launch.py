@@ -18,7 +18,7 @@ SMALL_BATCH = 16
 MAX_HEAD_ROW_BYTES = 2048
 # Up to SMALL_BATCH items, PiToMe plans an item of up to TILE_TOKENS tokens, over metric
 # rows up to TILE_DIM wide, in one program that keeps their TILE_TOKENS × TILE_TOKENS
-# similarities in registers (``_triton.energy_tile_plan_kernel``). Wider rows do not fit
+# similarities in registers (``jit.tile_plan.energy_tile_plan_kernel``). Wider rows do not fit
 # an H200's shared memory at 128 tokens.
 TILE_TOKENS = 128
 TILE_DIM = 64
