@@ -17,7 +17,8 @@ def head_mean(metric: torch.Tensor) -> torch.Tensor:
 
 def unit_rows(metric: torch.Tensor) -> torch.Tensor:
     """The rows of a ``B×T×d`` metric scaled to unit length, in float32."""
-    return F.normalize(metric.float(), dim=-1)
+    metric = metric if metric.dtype == torch.float32 else metric.float()
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def cosine_similarity(unit: torch.Tensor) -> torch.Tensor:

@@ -67,10 +67,7 @@ class MergePlan:
         key = f"_{name}_rows"
         rows = self.__dict__.get(key)
         if rows is None:
-            index = getattr(self, name)
-            offsets = torch.arange(0, index.shape[0] * row_length, row_length,
-                                   device=index.device)
-            rows = (index + offsets.unsqueeze(1)).flatten()
+            rows = flat_rows(getattr(self, name), row_length)
             object.__setattr__(self, key, rows)
         return rows
 
@@ -120,31 +117,44 @@ class MergePlan:
                 out = out.scatter_reduce(0, index, moving, reduce=reduce, include_self=True)
         return out.view(batch, self.num_out, channels)
 
-    def weighted_mean(self, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weighted_mean(self, x: torch.Tensor, sizes: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted average of every merged group; returns the new tokens and sizes.
 
         ``x′ = Σ s·x / Σ s`` over each group, ``s′ = Σ s`` (docs/method.md §4 step 4). Only the merged
         rows are computed: a destination ``d`` becomes ``x_d + Σ_i s_i (x_i − x_d) / s′_d``
         over its sources ``i``, which is the same average, while every other token is a
-        plain copy. The corrections are computed in at least float32.
+        plain copy. The corrections are computed in at least float32. ``sizes`` None means
+        every token holds one input token.
         """
-        new_sizes = self.apply(sizes, "sum")
+        if sizes is None and self.weights is not None:
+            sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         out = self.apply(x, "drop")
+        if sizes is None:
+            new_sizes = self._group_sizes(x.shape[0], x.device)
+        else:
+            new_sizes = self.apply(sizes, "sum")
         if self.drop_src or self.src.shape[1] == 0:
             return out, new_sizes
         channels = x.shape[-1]
-        pool = sizes if self.weights is None else sizes * self.weights.float()
-        new_pool = new_sizes if self.weights is None else self.apply(pool, "sum")
         out_rows = out.view(-1, channels)
         moving = x.reshape(-1, channels).index_select(0, self.src_rows)
         target = out_rows.index_select(0, self.dst_rows)
-        weight = (pool.reshape(-1, 1).index_select(0, self.src_rows)
-                  / new_pool.view(-1, 1).index_select(0, self.dst_rows))
-        compute = torch.promote_types(x.dtype, torch.float32)
-        correction = (moving.to(compute) - target.to(compute)) * weight
+        if sizes is None:
+            weight = new_sizes.view(-1, 1).index_select(0, self.dst_rows).reciprocal()
+        else:
+            pool = sizes if self.weights is None else sizes * self.weights.float()
+            new_pool = new_sizes if self.weights is None else self.apply(pool, "sum")
+            weight = (pool.reshape(-1, 1).index_select(0, self.src_rows)
+                      / new_pool.view(-1, 1).index_select(0, self.dst_rows))
+        if x.dtype in (torch.float32, torch.float64):
+            correction = (moving - target) * weight
+        else:
+            correction = (moving.float() - target.float()) * weight
         if self.max_norm:
             # One merged row per destination (not per source: a row written once per source
             # would take its gradient once per source too).
+            compute = correction.dtype
             rows = out_rows.to(compute)
             merged = rows.index_add(0, self.dst_rows, correction)
             group_norm = self.apply(x.to(compute).norm(dim=-1, keepdim=True), "amax")
@@ -152,15 +162,32 @@ class MergePlan:
             receives = torch.zeros(rows.shape[0], 1, dtype=torch.bool, device=rows.device)
             receives = receives.index_fill(0, self.dst_rows, True)
             return torch.where(receives, merged * scale, rows).to(x.dtype).view_as(out), new_sizes
-        out_rows.index_add_(0, self.dst_rows, correction.to(x.dtype))
+        out_rows.index_add_(0, self.dst_rows, correction if correction.dtype == x.dtype
+                            else correction.to(x.dtype))
         return out, new_sizes
+
+
+    def _group_sizes(self, batch: int, device: torch.device) -> torch.Tensor:
+        """``B×K×1`` input tokens in each output token when every input token holds one."""
+        sizes = torch.ones(batch * self.num_out, 1, dtype=torch.float32, device=device)
+        if not self.drop_src and self.src.shape[1]:
+            sizes.index_add_(0, self.dst_rows, sizes.new_ones(1, 1).expand(self.dst_rows.shape[0], 1))
+        return sizes.view(batch, self.num_out, 1)
+
+
+def flat_rows(index: torch.Tensor, row_length: int) -> torch.Tensor:
+    """``B×n`` indices into rows of ``row_length`` as indices into the ``B·row_length``
+    flattened rows."""
+    if index.shape[0] == 1 and not torch.compiler.is_compiling():
+        return index.reshape(-1)  # eager batch 1: no offsets to add (a traced batch stays free)
+    offsets = torch.arange(0, index.shape[0] * row_length, row_length, device=index.device)
+    return (index + offsets.unsqueeze(1)).flatten()
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` (``B×n``) of a ``B×T×C`` tensor, as a new ``B×n×C`` tensor."""
     batch, tokens, channels = x.shape
-    offsets = torch.arange(0, batch * tokens, tokens, device=x.device).unsqueeze(1)
-    rows = x.reshape(-1, channels).index_select(0, (index + offsets).flatten())
+    rows = x.reshape(-1, channels).index_select(0, flat_rows(index, tokens))
     return rows.view(batch, index.shape[1], channels)
 
 
