@@ -38,9 +38,11 @@ from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer,
 from ..runtime.patcher import Patch, class_names
 from ..runtime.session import Runtime, Session
 from ..runtime.state import MergeConfig, MergeState
+from . import llava
 from .base import UnsupportedModelError
 
 TESTED = "transformers 4.45, 4.57, 5.17 and 5.24"
+LLAVA = "LLaVA vision tower"
 
 
 class MergingPreNormLayer(MergingLayer):
@@ -278,7 +280,7 @@ FAMILIES = (
     Family("BLIP vision", ("BlipForImageTextRetrieval", "BlipVisionModel"),
            ("vision_model.encoder.layers", "encoder.layers"), 1, CLIP_MARGIN,
            cross_attends=True),
-    Family("LLaVA vision tower", ("LlavaForConditionalGeneration",),
+    Family(LLAVA, ("LlavaForConditionalGeneration",),
            ("model.vision_tower.encoder.layers", "vision_tower.encoder.layers",
             "model.vision_tower.vision_model.encoder.layers",
             "vision_tower.vision_model.encoder.layers"), 1, CLIP_MARGIN),
@@ -403,7 +405,11 @@ class HuggingFaceAdapter:
         return self.family(model).margin  # type: ignore[union-attr]
 
     def merge_blocks_for(self, model: nn.Module) -> tuple[int, ...] | None:
-        return self.family(model).merge_blocks  # type: ignore[union-attr]
+        family = self.family(model)
+        if family.name == LLAVA:
+            # Blocks from the feature layer on produce nothing the language model reads.
+            return tuple(range(llava.feature_index(model.config)))
+        return family.merge_blocks  # type: ignore[union-attr]
 
     def preset_for(self, model: nn.Module, algo: str) -> str:
         presets = self.family(model).presets  # type: ignore[union-attr]
@@ -473,4 +479,6 @@ class HuggingFaceAdapter:
                     if hasattr(layer, "crossattention"):
                         patch.hook(layer.crossattention.register_forward_pre_hook(
                             held.hand, with_kwargs=True))
+        if family.name == LLAVA:  # type: ignore[union-attr]
+            llava.fit_inside(model, patch)
         return patch
