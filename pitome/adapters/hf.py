@@ -382,6 +382,17 @@ def _heads(model: nn.Module, layer: nn.Module, kind: LayerKind) -> int:
                                 supported_lines())
 
 
+def image_tokens_in(model: nn.Module, num_prefix: int) -> int | None:
+    """Tokens entering a vision tower's first layer at its configured image size (prefix
+    included), or None for text models and configs without one."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
+        return None
+    return (size // patch) ** 2 + num_prefix
+
+
 def supported_lines() -> list[str]:
     return [f"Hugging Face {family.name}: {', '.join(family.model_classes)} ({TESTED})"
             for family in FAMILIES]
@@ -451,6 +462,9 @@ class HuggingFaceAdapter:
         family = self.family(model)
         layers, owner = self._stack_and_owner(model)
         kinds = self.check(model, layers)
+        tokens = image_tokens_in(model, family.num_prefix)  # type: ignore[union-attr]
+        if tokens is not None:  # an impossible schedule is refused now, not at the first image
+            config.schedule.plan(tokens, family.num_prefix, len(layers))  # type: ignore[union-attr]
         runtime = Runtime(config, family.num_prefix, len(layers),  # type: ignore[union-attr]
                           _heads(model, layers[0], kinds[0]))
         patch = Patch(self.name, runtime)
