@@ -145,3 +145,31 @@ def test_llava_next_is_refused_with_the_reason():
 
     with pytest.raises(pitome.UnsupportedModelError, match="anyres tiles"):
         pitome.patch(LlavaNextForConditionalGeneration())
+
+
+@pytest.mark.parametrize("algo", sorted(pitome.available_algorithms()))
+def test_every_algorithm_serves_a_token_count_with_a_static_cache(algo, inputs):
+    model = pitome.patch(tiny_llava(), algo, tokens=12)
+    assert image_tokens(model) == 12
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]),
+        with_kwargs=True)
+    try:
+        torch.manual_seed(0)  # the "random" floor draws its partners
+        dynamic = model.generate(**inputs, **GREEDY)
+    finally:
+        hook.remove()
+    fitted = fit_image_placeholders(model, inputs)
+    assert seen[0] == fitted["input_ids"].shape[1]
+    assert (fitted["input_ids"] == 2).sum(dim=1).tolist() == [12, 24]
+    torch.manual_seed(0)
+    static = model.generate(**inputs, **GREEDY, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_an_unreachable_image_token_count_is_refused_at_patch_time():
+    with pytest.raises(ValueError, match="tokens >= 8"):  # 64 -> 32 -> 16 -> 8 in 3 blocks
+        pitome.patch(tiny_llava(), "tome", tokens=7)
+    model = pitome.patch(tiny_llava(), "visionzip", tokens=7)  # one shot: any count
+    assert image_tokens(model) == 7
