@@ -173,3 +173,22 @@ def test_an_unreachable_image_token_count_is_refused_at_patch_time():
         pitome.patch(tiny_llava(), "tome", tokens=7)
     model = pitome.patch(tiny_llava(), "visionzip", tokens=7)  # one shot: any count
     assert image_tokens(model) == 7
+
+
+def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(inputs):
+    from pitome.tasks.runner import Processes
+    from pitome.tasks.vqa import VQAEvaluation
+
+    model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
+    options = {}
+    for device, compiled in (("cpu", False), ("cuda", False), ("cuda", True)):
+        task = VQAEvaluation(model, processor(), [], Processes(device=torch.device(device)),
+                             max_new_tokens=5, compiled=compiled)
+        options[device, compiled] = task.generation_options()
+    assert "cache_implementation" not in options["cpu", False]
+    assert options["cuda", False]["cache_implementation"] == "static"
+    assert options["cuda", False]["disable_compile"] and not options["cuda", True]["disable_compile"]
+    # What the GPU path asks of generate gives the CPU path's answers here.
+    fast = {key: value for key, value in options["cuda", True].items() if key != "disable_compile"}
+    assert torch.equal(model.generate(**inputs, **fast),
+                       model.generate(**inputs, **options["cpu", False]))
