@@ -192,3 +192,51 @@ def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(input
     fast = {key: value for key, value in options["cuda", True].items() if key != "disable_compile"}
     assert torch.equal(model.generate(**inputs, **fast),
                        model.generate(**inputs, **options["cpu", False]))
+
+
+def test_a_merged_static_cache_is_sized_to_the_merged_prompt(inputs):
+    from pitome.llava import forget_static_cache
+
+    def cache_length(output) -> int:
+        cache = getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+        return cache.layers[0].keys.shape[2]
+
+    options = dict(GREEDY, cache_implementation="static", return_dict_in_generate=True)
+    model = tiny_llava()
+    unmerged = cache_length(model.generate(**inputs, **options))
+    pitome.patch(model, "pitome", ratio=0.8)
+    merged = cache_length(model.generate(**inputs, **options))
+    fitted = fit_image_placeholders(model, inputs)["input_ids"].shape[1]
+    assert merged == fitted + GREEDY["max_new_tokens"] - 1 < unmerged  # the last token is not cached
+    pitome.unpatch(model)
+    forget_static_cache(model)
+    assert cache_length(model.generate(**inputs, **options)) == unmerged
+
+
+def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "llava.py"
+    spec = importlib.util.spec_from_file_location("llava_benchmark", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--variants", "none,pitome@0.9,visionzip@64t", "--batches", "1",
+            "--warmup", "0", "--new-tokens", "3", "--json", str(out)]
+    assert benchmark.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["mode"], row["variant"]) for row in rows} == {
+        (mode, variant) for mode in ("eager", "static")
+        for variant in ("none", "pitome@0.9", "visionzip@64t")}
+    tokens = {row["variant"]: row["image_tokens"] for row in rows}
+    assert tokens == {"none": 256, "pitome@0.9": 188, "visionzip@64t": 64}
+    for row in rows:
+        assert row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["image_kv_mb"] <= row["kv_cache_mb"]
+    assert "| eager | 1 | visionzip@64t | 64 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exists"):
+        benchmark.main(args)

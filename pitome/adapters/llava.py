@@ -212,7 +212,22 @@ class FittedGenerate:
         return output
 
 
+# Where transformers keeps a static cache's length between generate calls: 5.20 and later
+# remember the longest length asked for, earlier versions keep the cache itself.
+STATIC_CACHE_MEMORY = ("_previous_max_cache_length", "_cache")
+
+
+def forget_static_cache(model: nn.Module) -> None:
+    """Let the next ``generate(..., cache_implementation="static")`` size its cache to its
+    own prompt. transformers keeps a static cache as long as the longest one asked for
+    before (to spare a compiled decoding step its recompilation), so after a generate with
+    the unmerged prompt a merged one would still read a cache of the unmerged length."""
+    for name in STATIC_CACHE_MEMORY:
+        model.__dict__.pop(name, None)
+
+
 def fit_inside(model: nn.Module, patch: Patch) -> None:
     """Make the patched ``model``'s ``forward`` and ``generate`` fit placeholders themselves."""
+    forget_static_cache(model)
     patch.hook(model.register_forward_pre_hook(FitPlaceholders(), with_kwargs=True))
     patch.set(model, "generate", FittedGenerate(model))

@@ -139,11 +139,12 @@ class VQAEvaluation:
         return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def __call__(self, cell) -> dict:
-        from ..llava import image_tokens
+        from ..llava import forget_static_cache, image_tokens
         from ..analysis.flops import counted_flops
         from .runner import apply_cell, evaluate_shard
 
         apply_cell(self.model, cell)
+        forget_static_cache(self.model)  # a cell's static cache fits its own prompts
         result = evaluate_shard(self.processes, self.questions, self.batch_size, cell.key,
                                 self._step)
         if result is None:
