@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from . import algorithms as _algorithms  # noqa: F401  (fills the registry)
+from . import llava  # noqa: F401  (pitome.llava: image-token counts, placeholder fitting)
 from .adapters import supported_models
 from .adapters.base import UnsupportedModelError
 from .api import merge_config, merge_info, patch, pooling_weights, unpatch

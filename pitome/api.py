@@ -22,7 +22,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
           r: RSpec | None = None, prop_attn: bool | None = None, margin: MarginSpec | None = None,
           metric: Literal["keys", "hidden"] = "keys", trace_source: bool = False,
           merge_blocks: Sequence[int] | None = None, count_prefix: bool | None = None,
-          keep_plans: bool = False, **options: Any) -> ModelT:
+          keep_plans: bool = False, tokens: int | None = None, **options: Any) -> ModelT:
     """Add token merging to ``model`` in place and return it.
 
     Args:
@@ -31,7 +31,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
             :class:`~pitome.core.registry.Algorithm` instance. On text models ``"pitome"``
             means the text variant, ``"pitome_text"``.
         ratio: fraction of mergeable tokens each block keeps, in [0.5, 1]; 1 merges nothing.
-            Defaults to 0.9 unless ``r`` is given.
+            Defaults to 0.9 unless ``r`` or ``tokens`` is given.
         r: ToMe's alternative: tokens merged per block as an int, a per-block list, or a
             2-tuple ``(r, inflection)`` (inflection in [-1, 1]; a 2-tuple is never read as
             a per-block schedule). Numpy and 0-d tensor scalars are accepted throughout.
@@ -46,6 +46,12 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
             models default to the first three (the authors' text schedule), others to all.
         count_prefix: compute ``r`` from all tokens, prefix included (the authors' ToMe).
         keep_plans: keep every block's :class:`~pitome.core.plan.MergePlan` in ``merge_info``.
+        tokens: instead of ``ratio`` or ``r``, the tokens per image (or sequence) to keep:
+            what the last merging block emits, prefix tokens (CLS, registers) not counted.
+            On LLaVA that is the image tokens the language model sees. Reached by a
+            geometric per-block schedule (:func:`pitome.core.schedule.merges_for_tokens`);
+            a count no schedule can reach is refused (at patch time where the model's input
+            size is known).
         **options: algorithm options (e.g. ``pool`` and ``energy`` for PiToMe).
 
     Raises:
@@ -67,20 +73,20 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
     adapter = find_adapter(model)
     method = _method(algo) if isinstance(algo, Algorithm) else \
         get_method(adapter.preset_for(model, algo))
-    if ratio is None and r is None:
+    if ratio is None and r is None and tokens is None:
         ratio = DEFAULT_RATIO
     if merge_blocks is None:
         merge_blocks = adapter.merge_blocks_for(model)
-    schedule = TokenSchedule(
-        ratio=ratio, r=r, merge_blocks=merge_blocks,
-        count_prefix=method.defaults.get("count_prefix", False) if count_prefix is None
-        else count_prefix)
-    if metric not in ("keys", "hidden"):
-        raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
-    algorithm = algo if isinstance(algo, Algorithm) else method.build(**options)
     if isinstance(algo, Algorithm) and options:
         raise TypeError(f"options {sorted(options)} are for registered algorithms; an "
                         "Algorithm instance is passed as it is")
+    algorithm = algo if isinstance(algo, Algorithm) else method.build(**options)
+    schedule = TokenSchedule(
+        ratio=ratio, r=r, tokens=tokens, merge_blocks=merge_blocks,
+        count_prefix=method.defaults.get("count_prefix", False) if count_prefix is None
+        else count_prefix, one_shot=bool(algorithm.one_shot))
+    if metric not in ("keys", "hidden"):
+        raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
     if trace_source and not algorithm.traceable:
         raise ValueError(f"algorithm {method.name!r} mixes tokens instead of merging them, so "
                          "it has no sources to trace; use trace_source=False")

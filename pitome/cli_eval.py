@@ -103,6 +103,9 @@ def add_eval_parser(commands: argparse._SubParsersAction,
     vqa.add_argument("--model", required=True, help="Hugging Face LLaVA name or folder")
     vqa.add_argument("--max-new-tokens", type=at_least(1), default=16,
                      help="longest answer generated")
+    vqa.add_argument("--compile", action="store_true",
+                     help="on a GPU, compile the decoding step (static KV cache, CUDA graphs); "
+                          "each new batch shape compiles once")
     common(vqa, default_algos="none,pitome")
 
 

@@ -596,6 +596,7 @@ DEFAULTS = {
     "tome": (True, False), "tome_authors": (True, True), "tofu": (True, False),
     "dct": (False, False), "diffrate": (True, False), "mctf": (True, False),
     "crossget": (True, False), "random": (True, False), "prune": (False, False),
+    "visionzip": (False, False),
 }
 
 

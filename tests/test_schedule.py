@@ -58,3 +58,42 @@ def test_margin_schedules():
     assert resolve_margin([0.1, 0.2], 1, 2) == 0.2
     with pytest.raises(ValueError, match="2 values"):
         resolve_margin([0.1, 0.2], 1, 12)
+
+
+def test_a_token_count_is_reached_exactly_by_a_geometric_schedule():
+    from pitome.core.schedule import merges_for_tokens
+
+    for target in (64, 128, 192, 300):
+        merges = merges_for_tokens(576, target, list(range(23)), 24)
+        counts = token_counts(576, merges)
+        assert counts[-1] == target and merges[23] == 0
+        assert all(2 * r <= before for r, before in zip(merges, counts))
+        assert all(r > 0 for r in merges[:23])
+    assert merges_for_tokens(576, 600, list(range(23)), 24) == [0] * 24
+    # Through the schedule: prefix tokens are not counted, merge_blocks are respected.
+    merges = TokenSchedule(tokens=20, merge_blocks=(1, 3)).plan(65, 1, 4)
+    assert merges[0] == merges[2] == 0 and token_counts(65, merges)[-1] == 21
+
+
+def test_an_unreachable_token_count_is_refused_or_clamped():
+    from pitome.core.schedule import merges_for_tokens
+
+    with pytest.raises(ValueError, match=r"tokens=3 is out of reach.*tokens >= 4"):
+        TokenSchedule(tokens=3).plan(65, 1, 4)  # 64 -> 32 -> 16 -> 8 -> 4 at the fewest
+    assert token_counts(64, merges_for_tokens(64, 3, [0, 1, 2, 3], 4, clamp=True))[-1] == 4
+    with pytest.raises(ValueError, match="at least one token"):
+        TokenSchedule(tokens=0)
+    with pytest.raises(TypeError, match="whole number"):
+        TokenSchedule(tokens=2.5)
+    with pytest.raises(ValueError, match="exactly one of ratio"):
+        TokenSchedule(ratio=0.9, tokens=8)
+
+
+def test_a_one_shot_schedule_removes_everything_in_the_last_merging_block():
+    blocks = tuple(range(23))
+    by_ratio = TokenSchedule(ratio=0.9).plan(577, 1, 24)
+    at_once = TokenSchedule(ratio=0.9, one_shot=True, merge_blocks=blocks).plan(577, 1, 24)
+    assert at_once[:22] == [0] * 22 and at_once[23] == 0
+    assert at_once[22] == sum(TokenSchedule(ratio=0.9, merge_blocks=blocks).plan(577, 1, 24))
+    assert sum(by_ratio) > at_once[22]  # the ratio schedule also merges in block 23
+    assert TokenSchedule(tokens=3, one_shot=True).plan(65, 1, 4) == [0, 0, 0, 61]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Adapter, UnsupportedModelError
+from ..runtime.patcher import class_names
 from .hf import HuggingFaceAdapter
+from .llava import LLAVA_NEXT_REFUSAL
 from .open_clip import OpenClipAdapter
 from .sentence_transformers import SentenceTransformersAdapter
 from .timm_vit import TimmVisionTransformerAdapter
@@ -20,6 +22,8 @@ def supported_models() -> list[str]:
 
 
 def find_adapter(model: nn.Module) -> Adapter:
+    if "LlavaNextForConditionalGeneration" in class_names(model):
+        raise UnsupportedModelError(LLAVA_NEXT_REFUSAL, supported_models())
     for adapter in ADAPTERS:
         if adapter.matches(model):
             return adapter

@@ -38,9 +38,11 @@ from ..runtime.layers import INDEX_ATTR, RUNTIME_ATTR, TUPLE_ATTR, MergingLayer,
 from ..runtime.patcher import Patch, class_names
 from ..runtime.session import Runtime, Session
 from ..runtime.state import MergeConfig, MergeState
+from . import llava
 from .base import UnsupportedModelError
 
 TESTED = "transformers 4.45, 4.57, 5.17 and 5.24"
+LLAVA = "LLaVA vision tower"
 
 
 class MergingPreNormLayer(MergingLayer):
@@ -278,7 +280,7 @@ FAMILIES = (
     Family("BLIP vision", ("BlipForImageTextRetrieval", "BlipVisionModel"),
            ("vision_model.encoder.layers", "encoder.layers"), 1, CLIP_MARGIN,
            cross_attends=True),
-    Family("LLaVA vision tower", ("LlavaForConditionalGeneration",),
+    Family(LLAVA, ("LlavaForConditionalGeneration",),
            ("model.vision_tower.encoder.layers", "vision_tower.encoder.layers",
             "model.vision_tower.vision_model.encoder.layers",
             "vision_tower.vision_model.encoder.layers"), 1, CLIP_MARGIN),
@@ -380,6 +382,17 @@ def _heads(model: nn.Module, layer: nn.Module, kind: LayerKind) -> int:
                                 supported_lines())
 
 
+def image_tokens_in(model: nn.Module, num_prefix: int) -> int | None:
+    """Tokens entering a vision tower's first layer at its configured image size (prefix
+    included), or None for text models and configs without one."""
+    config = getattr(model, "config", None)
+    vision = getattr(config, "vision_config", None) or config
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(size, int) or not isinstance(patch, int) or patch <= 0:
+        return None
+    return (size // patch) ** 2 + num_prefix
+
+
 def supported_lines() -> list[str]:
     return [f"Hugging Face {family.name}: {', '.join(family.model_classes)} ({TESTED})"
             for family in FAMILIES]
@@ -403,7 +416,11 @@ class HuggingFaceAdapter:
         return self.family(model).margin  # type: ignore[union-attr]
 
     def merge_blocks_for(self, model: nn.Module) -> tuple[int, ...] | None:
-        return self.family(model).merge_blocks  # type: ignore[union-attr]
+        family = self.family(model)
+        if family.name == LLAVA:
+            # Blocks from the feature layer on produce nothing the language model reads.
+            return tuple(range(llava.feature_index(model.config)))
+        return family.merge_blocks  # type: ignore[union-attr]
 
     def preset_for(self, model: nn.Module, algo: str) -> str:
         presets = self.family(model).presets  # type: ignore[union-attr]
@@ -445,6 +462,9 @@ class HuggingFaceAdapter:
         family = self.family(model)
         layers, owner = self._stack_and_owner(model)
         kinds = self.check(model, layers)
+        tokens = image_tokens_in(model, family.num_prefix)  # type: ignore[union-attr]
+        if tokens is not None:  # an impossible schedule is refused now, not at the first image
+            config.schedule.plan(tokens, family.num_prefix, len(layers))  # type: ignore[union-attr]
         runtime = Runtime(config, family.num_prefix, len(layers),  # type: ignore[union-attr]
                           _heads(model, layers[0], kinds[0]))
         patch = Patch(self.name, runtime)
@@ -473,4 +493,6 @@ class HuggingFaceAdapter:
                     if hasattr(layer, "crossattention"):
                         patch.hook(layer.crossattention.register_forward_pre_hook(
                             held.hand, with_kwargs=True))
+        if family.name == LLAVA:  # type: ignore[union-attr]
+            llava.fit_inside(model, patch)
         return patch

@@ -13,6 +13,7 @@ from .floors import AttentionPruning, RandomMatching
 from .mctf import MCTF
 from .tofu import ToFu
 from .tome import ToMe
+from .visionzip import VisionZip
 
 register("pitome", tome_then_pitome, "the default: ToMe matching in the first half of the blocks, "
          "PiToMe after, proportional attention (chosen by measurement, docs/defaults.md)",
@@ -45,10 +46,13 @@ register("mctf", MCTF, "MCTF (Lee et al. 2024): bidirectional fusion weighted by
 register("crossget", CrossGET, "CrossGET (Shi et al. 2024) complete-graph soft matching, vision "
          "tower only: strongest matches merge into their best non-source token",
          defaults={"prop_attn": True})
+register("visionzip", VisionZip, "VisionZip (Yang et al. 2025), vision towers: keep the most "
+         "CLS-attended tokens, merge the rest into a few contextual tokens, once, in the last "
+         "merging block", defaults={"prop_attn": False})
 register("random", RandomMatching, "floor: r random tokens merge into random partners",
          defaults={"prop_attn": True})
 register("prune", AttentionPruning, "floor: drop the r tokens with the least CLS attention "
          "(EViT without fusion)", defaults={"prop_attn": False})
 
 __all__ = ["DCT", "MCTF", "AttentionPruning", "CrossGET", "DiffRate", "Hybrid", "PiToMe",
-           "RandomMatching", "ToFu", "ToMe"]
+           "RandomMatching", "ToFu", "ToMe", "VisionZip"]

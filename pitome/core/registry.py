@@ -59,11 +59,15 @@ class Algorithm(ABC):
             ``pitome.core.energy.head_mean`` gives the ``B×T×d`` metric wherever it needs one.
         traceable: its plans move whole tokens, so ``trace_source`` can follow them (False
             for methods that mix every token into every output, such as DCT).
+        one_shot: it reduces the tokens once, in the last merging block, to the count the
+            schedule would reach there (VisionZip); its plans may remove any number of
+            tokens, not at most half.
     """
 
     needs_attention: bool = False
     takes_head_keys: bool = False
     traceable: bool = True
+    one_shot: bool = False
 
     @abstractmethod
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:

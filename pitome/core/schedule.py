@@ -139,33 +139,95 @@ def linear_r(r: int, num_blocks: int, inflection: float = 0.0) -> list[int]:
         return [math.trunc(low + step * i) for i in range(num_blocks)]
 
 
+def check_tokens(tokens: Any) -> int:
+    """Validate ``tokens``, the mergeable tokens to keep; returns it as an int ≥ 1."""
+    whole = _whole(tokens)
+    if whole is None:
+        raise TypeError(f"tokens must be a whole number of tokens to keep (at least 1), got "
+                        f"{tokens!r}")
+    if whole < 1:
+        raise ValueError(f"tokens={tokens!r}: at least one token must remain")
+    return whole
+
+
+def fewest_tokens(mergeable: int, blocks: int) -> int:
+    """The fewest of ``mergeable`` tokens that ``blocks`` bipartite merges can leave (each
+    merges at most half of what enters it)."""
+    for _ in range(blocks):
+        mergeable -= mergeable // 2
+    return mergeable
+
+
+def merges_for_tokens(mergeable: int, target: int, blocks: Sequence[int], num_blocks: int,
+                      clamp: bool = False) -> list[int]:
+    """Per-block ``r`` that merges ``mergeable`` tokens down to exactly ``target`` over the
+    given ``blocks`` (indices below ``num_blocks``), each keeping the same fraction as near
+    as whole tokens allow (a geometric schedule, like a ratio's), none merging more than
+    half of what enters it.
+
+    Raises ValueError when ``target`` is out of reach (with ``clamp`` the fewest reachable
+    tokens are kept instead).
+    """
+    merges = [0] * num_blocks
+    if target >= mergeable or not blocks:
+        if target < mergeable and not clamp:
+            raise ValueError(f"tokens={target} needs merging, but no block merges")
+        return merges
+    floor = fewest_tokens(mergeable, len(blocks))
+    if target < floor:
+        if not clamp:
+            raise ValueError(
+                f"tokens={target} is out of reach: {len(blocks)} merging blocks can take "
+                f"{mergeable} mergeable tokens down to {floor} at the fewest (each merges at "
+                f"most half of its tokens); ask for tokens >= {floor}")
+        target = floor
+    keep = (target / mergeable) ** (1 / len(blocks))
+    tokens = mergeable
+    for step, block in enumerate(blocks, start=1):
+        left = len(blocks) - step
+        want = target if left == 0 else round(mergeable * keep ** step)
+        # Never more than half in one block, never so few that the rest cannot reach target.
+        count = min(max(want, target, tokens - tokens // 2), tokens, target * 2 ** left)
+        merges[block] = tokens - count
+        tokens = count
+    return merges
+
+
 @dataclass(frozen=True)
 class TokenSchedule:
     """The number of tokens to merge in each block, given the token count entering it.
 
-    Exactly one of ``ratio`` (fraction kept per block) and ``r`` (ToMe's fixed count: int,
-    per-block list, or ``(r, inflection)``) is set. ``merge_blocks`` optionally restricts
-    merging to a set of block indices (the text models' first-three-blocks schedule).
-    ``count_prefix`` reproduces the convention in which ``r`` is computed from all tokens,
-    prefix tokens included (the PiToMe authors' ToMe baseline).
+    Exactly one of ``ratio`` (fraction kept per block), ``r`` (ToMe's fixed count: int,
+    per-block list, or ``(r, inflection)``) and ``tokens`` (mergeable tokens left after the
+    last merging block, prefix tokens not counted; reached by :func:`merges_for_tokens`) is
+    set. ``merge_blocks`` optionally restricts merging to a set of block indices (the text
+    models' first-three-blocks schedule). ``count_prefix`` reproduces the convention in
+    which ``r`` is computed from all tokens, prefix tokens included (the PiToMe authors' ToMe
+    baseline). ``one_shot`` removes everything the schedule would remove in its last merging
+    block at once, for algorithms that are not bounded by a bipartite split (VisionZip).
     """
 
     ratio: float | None = None
     r: RSpec | None = None
     merge_blocks: tuple[int, ...] | None = None
     count_prefix: bool = False
+    tokens: int | None = None
+    one_shot: bool = False
 
     def __post_init__(self) -> None:
-        if (self.ratio is None) == (self.r is None):
-            raise ValueError("give exactly one of ratio (fraction of tokens kept) and r "
-                             "(tokens merged per block)")
+        if sum(value is not None for value in (self.ratio, self.r, self.tokens)) != 1:
+            raise ValueError("give exactly one of ratio (fraction of tokens kept), r (tokens "
+                             "merged per block) and tokens (tokens left)")
         if self.ratio is not None:
             object.__setattr__(self, "ratio", check_ratio(self.ratio))
-        else:
+        elif self.r is not None:
             object.__setattr__(self, "r", check_r(self.r))
+        else:
+            object.__setattr__(self, "tokens", check_tokens(self.tokens))
         object.__setattr__(self, "merge_blocks", check_merge_blocks(self.merge_blocks))
-        if not isinstance(self.count_prefix, bool):
-            raise TypeError(f"count_prefix must be True or False, got {self.count_prefix!r}")
+        for name in ("count_prefix", "one_shot"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def check_depth(self, num_blocks: int) -> None:
         """Raise ValueError unless the schedule fits a model of ``num_blocks`` blocks."""
@@ -179,6 +241,10 @@ class TokenSchedule:
 
     @property
     def is_identity(self) -> bool:
+        """Whether the schedule merges nothing, whatever the input (False for ``tokens``,
+        which merges inputs longer than it)."""
+        if self.tokens is not None:
+            return False
         if self.ratio is not None:
             return self.ratio >= 1.0
         if isinstance(self.r, int):
@@ -202,14 +268,26 @@ class TokenSchedule:
             raise ValueError(f"r must be non-negative, got {values}")
         return values
 
+    def merging_blocks(self, num_blocks: int) -> list[int]:
+        """The blocks allowed to merge, in order."""
+        return [block for block in range(num_blocks)
+                if self.merge_blocks is None or block in self.merge_blocks]
+
     def plan(self, num_tokens: int, num_prefix: int, num_blocks: int,
              clamp: bool = False) -> list[int]:
         """Per-block ``r`` for an input of ``num_tokens`` tokens (prefix included).
 
         Raises ValueError when a block would have to merge more than half of its mergeable
-        tokens, which bipartite matching cannot do; with ``clamp`` such a block merges half
-        instead (short sentences in a padded batch).
+        tokens, which bipartite matching cannot do (unless ``one_shot``), or ``tokens`` is
+        out of reach; with ``clamp`` such a block merges what it can instead (short
+        sentences in a padded batch).
         """
+        if self.tokens is not None:
+            blocks = self.merging_blocks(num_blocks)
+            mergeable = num_tokens - num_prefix
+            if self.one_shot:
+                return self._at_once([max(0, mergeable - self.tokens)], blocks, num_blocks)
+            return merges_for_tokens(mergeable, self.tokens, blocks, num_blocks, clamp)
         fixed = None if self.ratio is not None else self._fixed_r(num_blocks)
         counts, tokens = [], num_tokens
         for block in range(num_blocks):
@@ -223,14 +301,24 @@ class TokenSchedule:
                 r = fixed[block]
             if clamp:
                 r = min(r, max(mergeable, 0) // 2)
-            if 2 * r > mergeable:
+            if 2 * r > mergeable and not (self.one_shot and r < mergeable):
                 raise ValueError(
                     f"block {block} cannot merge r={r} tokens: only {mergeable} mergeable tokens "
                     f"remain ({tokens} minus {num_prefix} prefix), and at most half of them can "
                     "merge in one block. Use a smaller r or a ratio.")
             counts.append(r)
             tokens -= r
+        if self.one_shot:
+            return self._at_once(counts, self.merging_blocks(num_blocks), num_blocks)
         return counts
+
+    @staticmethod
+    def _at_once(counts: list[int], blocks: list[int], num_blocks: int) -> list[int]:
+        """Everything ``counts`` removes, removed in the last of ``blocks``."""
+        merges = [0] * num_blocks
+        if blocks:
+            merges[blocks[-1]] = sum(counts)
+        return merges
 
 
 def token_counts(num_tokens: int, merges: Sequence[int]) -> list[int]:

@@ -86,7 +86,13 @@ def prompt(question: Question) -> str:
 
 class VQAEvaluation:
     """Accuracy of LLaVA with its vision tower merged, per cell; reports the image tokens the
-    language model saw."""
+    language model saw.
+
+    Prompts go to the model as the processor makes them (a patched model fits the image
+    placeholders itself). On a GPU answers are generated with a static KV cache sized to
+    each batch's prompt, and with ``compiled`` the decoding step is compiled (transformers'
+    ``torch.compile`` of the forward, CUDA graphs); elsewhere with the dynamic cache.
+    """
 
     columns = (("accuracy", "accuracy %", ".2f"), ("image_tokens", "image tokens", "d"),
                ("gflops", "GFLOPs", ".1f"), ("examples_per_second", "q/s", ".2f"),
@@ -95,17 +101,17 @@ class VQAEvaluation:
 
     def __init__(self, model: nn.Module, processor, questions: list[Question], processes,
                  batch_size: int = 8, max_new_tokens: int = 16, dtype: torch.dtype | None = None,
-                 title: str = "", setup: dict | None = None) -> None:
+                 title: str = "", setup: dict | None = None, compiled: bool = False) -> None:
         if not hasattr(model, "generate") or not hasattr(model.config, "image_token_id"):
             raise ValueError(f"{type(model).__name__} is not a LLaVA-style generator")
         processor.tokenizer.padding_side = "left"
         self.model, self.processor, self.questions = model, processor, questions
         self.processes, self.batch_size = processes, batch_size
         self.max_new_tokens, self.dtype = max_new_tokens, dtype
+        self.compiled = compiled
         self.title, self.setup = title, {"questions": len(questions), **(setup or {})}
 
     def _inputs(self, questions: list[Question]) -> tuple[dict | None, list[bool]]:
-        from ..llava import fit_image_placeholders
         from .runner import read_pictures
 
         pictures, readable = read_pictures([question.image for question in questions])
@@ -113,26 +119,32 @@ class VQAEvaluation:
             return None, readable
         texts = [prompt(q) for q, ok in zip(questions, readable) if ok]
         inputs = self.processor(images=pictures, text=texts, padding=True, return_tensors="pt")
-        inputs = fit_image_placeholders(self.model, inputs)
         device = self.processes.device
         inputs = {key: value.to(device) for key, value in inputs.items()}
         if self.dtype is not None:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs, readable
 
+    def generation_options(self) -> dict:
+        """``generate`` options: greedy; static cache (compiled if asked) on a GPU."""
+        options = dict(max_new_tokens=self.max_new_tokens, do_sample=False)
+        if self.processes.device.type == "cuda":
+            options.update(cache_implementation="static", disable_compile=not self.compiled)
+        return options
+
     def _answer(self, inputs: dict) -> list[str]:
         with torch.no_grad():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                         do_sample=False)
+            output = self.model.generate(**inputs, **self.generation_options())
         new = output[:, inputs["input_ids"].shape[1]:]
         return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def __call__(self, cell) -> dict:
-        from ..llava import image_tokens
+        from ..llava import forget_static_cache, image_tokens
         from ..analysis.flops import counted_flops
         from .runner import apply_cell, evaluate_shard
 
         apply_cell(self.model, cell)
+        forget_static_cache(self.model)  # a cell's static cache fits its own prompts
         result = evaluate_shard(self.processes, self.questions, self.batch_size, cell.key,
                                 self._step)
         if result is None:
@@ -171,4 +183,5 @@ def build_vqa_evaluation(args, processes, dtype) -> VQAEvaluation:
              "multiply-accumulates of the first question's prompt pass")
     return VQAEvaluation(model, processor, questions, processes, args.batch_size,
                          args.max_new_tokens, dtype, title,
-                         {"max_new_tokens": args.max_new_tokens})
+                         {"max_new_tokens": args.max_new_tokens, "compile": args.compile},
+                         compiled=args.compile)

@@ -1,0 +1,242 @@
+"""LLaVA-1.5 end to end on a tiny random model and its processor: the processor's output goes
+into a patched model unchanged (forward and generate), with static KV caches, for every
+algorithm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pitome
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+if hasattr(transformers.LlavaForConditionalGeneration, "_merge_input_ids_with_image_features"):
+    pytest.skip("transformers < 4.48 expands image placeholders itself; pitome refuses",
+                allow_module_level=True)
+
+from pitome.llava import fit_image_placeholders, image_tokens, unmerged_image_tokens  # noqa: E402
+
+WORDS = ["[PAD]", "[UNK]", "<image>", "USER:", "ASSISTANT:", "what", "is", "it", "the", "sky",
+         "a", "dog", "cat", "and", "?"]
+VISION = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+              image_size=64, patch_size=8)
+GREEDY = dict(max_new_tokens=5, do_sample=False)
+PROMPTS = ["USER: <image> what is it ? ASSISTANT:",
+           "USER: <image> <image> the sky and a dog is what it is ? ASSISTANT:"]
+
+
+def processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                                     pad_token="[PAD]")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"  # as LLaVA pads for generation
+    images = transformers.CLIPImageProcessor(size={"shortest_edge": 64},
+                                             crop_size={"height": 64, "width": 64})
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                                       vision_feature_select_strategy="default",
+                                       image_token="<image>", num_additional_image_tokens=1)
+
+
+def tiny_llava(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION),
+        text_config=transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=4, intermediate_size=128,
+                                             pad_token_id=0, max_position_embeddings=512),
+        image_token_id=WORDS.index("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+    return transformers.LlavaForConditionalGeneration(config).eval()
+
+
+def pictures(count: int):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(5)
+    return [Image.fromarray((torch.rand(70, 80, 3, generator=generator) * 255).to(torch.uint8)
+                            .numpy()) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    """Two prompts of different lengths, left-padded; the second holds two images."""
+    return dict(processor()(images=pictures(3), text=PROMPTS, padding=True, return_tensors="pt"))
+
+
+def new_tokens(output: torch.Tensor, prompt: dict) -> torch.Tensor:
+    return output[:, prompt["input_ids"].shape[1]:]
+
+
+def test_processor_output_goes_in_unchanged(inputs):
+    model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
+    assert unmerged_image_tokens(model) == 64 and image_tokens(model) == 34
+    fitted = fit_image_placeholders(model, inputs)
+    assert (fitted["input_ids"] == 2).sum(dim=1).tolist() == [34, 68]
+    assert fitted["attention_mask"][0, 0] == 0 and fitted["attention_mask"][:, -1].all()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**fitted).logits)
+        by_position = model(inputs["input_ids"], inputs["pixel_values"],
+                            inputs["attention_mask"]).logits
+    torch.testing.assert_close(by_position, model(**fitted).logits)
+    given = model.generate(**inputs, **GREEDY)
+    by_hand = model.generate(**fitted, **GREEDY)
+    # The output starts with the prompt as given, so the new tokens are where they always are.
+    assert torch.equal(given[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert torch.equal(new_tokens(given, inputs), new_tokens(by_hand, fitted))
+    assert new_tokens(given, inputs).shape == (2, 5)
+
+
+def test_fitting_is_idempotent_and_cuts_labels_and_positions(inputs):
+    model = pitome.patch(tiny_llava(), "tome", ratio=0.8)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == 2, -100)
+    fitted = fit_image_placeholders(model, {**inputs, "labels": labels})
+    again = fit_image_placeholders(model, fitted)
+    assert all(again[key] is fitted[key] for key in fitted)
+    kept = fitted["attention_mask"].bool()
+    assert torch.equal(fitted["labels"][kept], fitted["input_ids"].masked_fill(
+        fitted["input_ids"] == 2, -100)[kept])
+    assert (fitted["labels"][~kept] == -100).all()
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        loss = model(**inputs, labels=labels, position_ids=positions).loss
+        by_hand = model(**fitted, position_ids=(kept.long().cumsum(-1) - 1).masked_fill(~kept, 1)
+                        ).loss
+    torch.testing.assert_close(loss, by_hand)
+    with pytest.raises(ValueError, match="64 per image"):
+        fit_image_placeholders(model, {**inputs, "pixel_values": inputs["pixel_values"][:2]})
+
+
+def test_ratio_one_equals_unpatched_and_unpatch_restores(inputs):
+    model = tiny_llava()
+
+    def last_logits():
+        with torch.no_grad():
+            return model(**inputs).logits[:, -1]
+
+    reference, reference_logits = model.generate(**inputs, **GREEDY), last_logits()
+    pitome.patch(model, "pitome", ratio=1.0)
+    assert torch.equal(model.generate(**inputs, **GREEDY), reference)
+    torch.testing.assert_close(last_logits(), reference_logits)
+    pitome.patch(model, "pitome", ratio=0.8)
+    assert not torch.allclose(last_logits(), reference_logits)
+    pitome.unpatch(model)
+    assert "generate" not in model.__dict__ and not model._forward_pre_hooks
+    assert torch.equal(model.generate(**inputs, **GREEDY), reference)
+    torch.testing.assert_close(last_logits(), reference_logits)
+
+
+def test_static_cache_gives_the_ids_of_the_dynamic_cache(inputs):
+    model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
+    dynamic = model.generate(**inputs, **GREEDY)
+    static = model.generate(**inputs, **GREEDY, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_llava_next_is_refused_with_the_reason():
+    class LlavaNextForConditionalGeneration(nn.Module):
+        pass
+
+    with pytest.raises(pitome.UnsupportedModelError, match="anyres tiles"):
+        pitome.patch(LlavaNextForConditionalGeneration())
+
+
+@pytest.mark.parametrize("algo", sorted(pitome.available_algorithms()))
+def test_every_algorithm_serves_a_token_count_with_a_static_cache(algo, inputs):
+    model = pitome.patch(tiny_llava(), algo, tokens=12)
+    assert image_tokens(model) == 12
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]),
+        with_kwargs=True)
+    try:
+        torch.manual_seed(0)  # the "random" floor draws its partners
+        dynamic = model.generate(**inputs, **GREEDY)
+    finally:
+        hook.remove()
+    fitted = fit_image_placeholders(model, inputs)
+    assert seen[0] == fitted["input_ids"].shape[1]
+    assert (fitted["input_ids"] == 2).sum(dim=1).tolist() == [12, 24]
+    torch.manual_seed(0)
+    static = model.generate(**inputs, **GREEDY, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+
+
+def test_an_unreachable_image_token_count_is_refused_at_patch_time():
+    with pytest.raises(ValueError, match="tokens >= 8"):  # 64 -> 32 -> 16 -> 8 in 3 blocks
+        pitome.patch(tiny_llava(), "tome", tokens=7)
+    model = pitome.patch(tiny_llava(), "visionzip", tokens=7)  # one shot: any count
+    assert image_tokens(model) == 7
+
+
+def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(inputs):
+    from pitome.tasks.runner import Processes
+    from pitome.tasks.vqa import VQAEvaluation
+
+    model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
+    options = {}
+    for device, compiled in (("cpu", False), ("cuda", False), ("cuda", True)):
+        task = VQAEvaluation(model, processor(), [], Processes(device=torch.device(device)),
+                             max_new_tokens=5, compiled=compiled)
+        options[device, compiled] = task.generation_options()
+    assert "cache_implementation" not in options["cpu", False]
+    assert options["cuda", False]["cache_implementation"] == "static"
+    assert options["cuda", False]["disable_compile"] and not options["cuda", True]["disable_compile"]
+    # What the GPU path asks of generate gives the CPU path's answers here.
+    fast = {key: value for key, value in options["cuda", True].items() if key != "disable_compile"}
+    assert torch.equal(model.generate(**inputs, **fast),
+                       model.generate(**inputs, **options["cpu", False]))
+
+
+def test_a_merged_static_cache_is_sized_to_the_merged_prompt(inputs):
+    from pitome.llava import forget_static_cache
+
+    def cache_length(output) -> int:
+        cache = getattr(output, "past_key_values", None) or getattr(output, "cache", None)
+        return cache.layers[0].keys.shape[2]
+
+    options = dict(GREEDY, cache_implementation="static", return_dict_in_generate=True)
+    model = tiny_llava()
+    unmerged = cache_length(model.generate(**inputs, **options))
+    pitome.patch(model, "pitome", ratio=0.8)
+    merged = cache_length(model.generate(**inputs, **options))
+    fitted = fit_image_placeholders(model, inputs)["input_ids"].shape[1]
+    assert merged == fitted + GREEDY["max_new_tokens"] - 1 < unmerged  # the last token is not cached
+    pitome.unpatch(model)
+    forget_static_cache(model)
+    assert cache_length(model.generate(**inputs, **options)) == unmerged
+
+
+def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "llava.py"
+    spec = importlib.util.spec_from_file_location("llava_benchmark", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    args = ["--tiny", "--variants", "none,pitome@0.9,visionzip@64t", "--batches", "1",
+            "--warmup", "0", "--new-tokens", "3", "--json", str(out)]
+    assert benchmark.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["mode"], row["variant"]) for row in rows} == {
+        (mode, variant) for mode in ("eager", "static")
+        for variant in ("none", "pitome@0.9", "visionzip@64t")}
+    tokens = {row["variant"]: row["image_tokens"] for row in rows}
+    assert tokens == {"none": 256, "pitome@0.9": 188, "visionzip@64t": 64}
+    for row in rows:
+        assert row["ttft_ms"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["image_kv_mb"] <= row["kv_cache_mb"]
+    assert "| eager | 1 | visionzip@64t | 64 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exists"):
+        benchmark.main(args)
