@@ -18,5 +18,6 @@ from .tasks.finetune import evaluate_classifier, finetune
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "MergeConfig", "MergeContext", "MergeInfo", "UnsupportedModelError",
-           "available_algorithms", "evaluate_classifier", "finetune", "merge_config", "merge_info", "patch", "pooling_weights",
+           "available_algorithms", "merge_config", "merge_info", "patch", "pooling_weights",
            "register", "supported_models", "unpatch", "__version__"]
+__all__ += ["evaluate_classifier", "finetune"]  # training through merging (docs/finetuning.md)

@@ -63,7 +63,8 @@ def tiny_bert_folder(root) -> str:
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32,
                                      num_hidden_layers=4, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, initializer_range=0.1,
+                                     intermediate_size=64, max_position_embeddings=64,
+                                     initializer_range=0.1,
                                      num_labels=2)
     transformers.BertForSequenceClassification(config).save_pretrained(root)
     tokenizer.save_pretrained(root)
@@ -278,3 +279,11 @@ def test_cli_image_self_distils_on_half_a_folder(tmp_path, capsys):
     state = pitome.models.load_state_dict(out / "model.safetensors")
     assert "head.weight" in state and len(state) > 100
     assert "agreement with the unmerged model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("split", [[], ["--split-half", "--eval-data", "x"]])
+def test_cli_image_needs_one_way_to_evaluate(tmp_path, capsys, split):
+    data = image_folder(tmp_path / "images", classes=2, per_class=1)
+    assert main(["finetune", "image", "--model", "vit_tiny_patch16_224", "--random-weights",
+                 "--data", str(data), "--out", str(tmp_path / "out"), *split]) == 2
+    assert "--eval-data FOLDER or --split-half" in capsys.readouterr().err

@@ -207,7 +207,8 @@ class ClassifierScore:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, batches: Iterable[Batch],
-                        reference: nn.Module | None = None, device: str | torch.device | None = None,
+                        reference: nn.Module | None = None,
+                        device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None,
                         progress: bool = False) -> ClassifierScore:
     """Score ``model`` (in eval mode) on ``batches``; with ``reference``, also how closely it
