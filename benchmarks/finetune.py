@@ -100,8 +100,7 @@ def run_text(args: argparse.Namespace) -> tuple[list[dict], dict]:
     torch.manual_seed(args.seed)  # the fresh head: the same start for every run
     loaded = load_text_classifier(args.minilm or "minilm", num_labels=2)
     base, tokenizer = loaded.model, loaded.tokenizer
-    train = TextBatches(tokenize(tokenizer, texts, args.max_length), torch.tensor(labels),
-                        args.batch_size, shuffle=True, seed=args.seed)
+    encodings = tokenize(tokenizer, texts, args.max_length)
     dev = TextBatches(tokenize(tokenizer, dev_texts, args.max_length), torch.tensor(dev_labels),
                       args.batch_size)
     samples = [tokenizer([text], return_tensors="pt") for text in dev_texts[:16]]
@@ -111,6 +110,8 @@ def run_text(args: argparse.Namespace) -> tuple[list[dict], dict]:
         model = copy.deepcopy(base)
         if ratio < 1:
             pitome.patch(model, algo=args.algo, ratio=ratio)
+        train = TextBatches(encodings, torch.tensor(labels), args.batch_size, shuffle=True,
+                            seed=args.seed)  # the same order for every run
         result = pitome.finetune(model, train, epochs=args.epochs, steps=args.steps,
                                  lr=args.lr, warmup=0.06, distill=args.distill if teacher
                                  else 0.0, temperature=args.temperature, teacher=teacher,
@@ -166,8 +167,6 @@ def run_vision(args: argparse.Namespace) -> tuple[list[dict], dict]:
         train_items, eval_items = train_items[:8], eval_items[:8]
     images, _ = image_tensors(model, train_items, training=True)
     crop = model.patch_embed.img_size[-1]
-    train = ImageBatches(images, None, args.vision_batch_size, shuffle=True, crop=crop, flip=True,
-                         seed=args.seed)  # labels unused: distillation only
     eval_images, eval_labels = image_tensors(model, eval_items, training=False)
     evaluation = ImageBatches(eval_images, eval_labels, 125)
     model.to(args.device)
@@ -191,6 +190,8 @@ def run_vision(args: argparse.Namespace) -> tuple[list[dict], dict]:
     for ratio in ratios:
         student = pitome.patch(copy.deepcopy(model), algo=args.algo, ratio=ratio)
         rows.append(row(student, "not fine-tuned", ratio, None))
+        train = ImageBatches(images, None, args.vision_batch_size, shuffle=True, crop=crop,
+                             flip=True, seed=args.seed)  # labels unused; the same draws each run
         result = pitome.finetune(student, train, steps=args.vision_steps, lr=args.vision_lr,
                                  weight_decay=0.05, warmup=0.1, distill=1.0,
                                  temperature=args.temperature, teacher=teacher,
