@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(commands, shared)
 
+    from .cli_finetune import add_finetune_parser
+
+    add_finetune_parser(commands, shared)
+
     flops = command(
         "flops", help="per-block FLOPs of a merged model, cross-checked with torch's counter",
         description="Analytic multiply-accumulates per block (attention, MLP, merge overhead "
@@ -265,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .cli_eval import run_eval
 
             return run_eval(args)
+        if args.command == "finetune":
+            from .cli_finetune import run_finetune
+
+            return run_finetune(args)
         return COMMANDS[args.command](args)
     except UsageError as error:
         if args.debug:
