@@ -9,13 +9,14 @@ an encoder without a head.
 
 The search is forward-only. It starts from the best of four simple shapes that fill the
 budget (uniform ratio, constant ``r``, early-heavy, late-heavy), then exchanges merges
-between blocks: it measures, for every block, how much the loss rises per MAC saved by
-merging ``step`` more tokens there and falls per MAC spent by merging ``step`` fewer, and
-moves merges from the block where they hurt most per MAC to the one where they hurt least,
-refilling the budget; a move is kept only when the measured loss falls. ``step`` halves
-when no move helps. Part of the inputs is held out of the search: of the schedules the
-search accepted, the one with the lowest held-out loss is returned, so a search that only
-fits its own inputs returns its starting shape.
+between blocks: it measures, for every block, how much the loss changes per MAC when that
+block merges ``step`` fewer tokens (one probe per block), and moves merges from the block
+where they hurt most per MAC to the ones where they hurt least until the budget is met
+again (at the optimum of this budget-constrained problem, every block's marginal harm per
+MAC is equal). A move is kept only when the measured loss falls; ``step`` halves when no
+move helps. Part of the inputs is held out of the search: of the schedules the search
+accepted, the one with the lowest held-out loss is returned, so a search that only fits
+its own inputs returns its starting shape.
 """
 
 from __future__ import annotations
@@ -538,23 +539,23 @@ class _Search:
         return best["r"]
 
     def _rates(self, r: list[int], step: int) -> tuple[dict[int, float], dict[int, float]]:
-        """Per block: loss risen per MAC saved merging ``step`` more there, and loss fallen
-        per MAC spent merging ``step`` fewer."""
+        """Per block, the loss's change per MAC of merging there: measured by merging
+        ``step`` fewer tokens (or ``step`` more where the block merges none), one probe per
+        block. Returned twice: as the cost of merging more there and the gain of merging
+        less (a first-order search uses one rate for both)."""
         base_loss, base_cost = self.loss(r), self.space.cost(r)
-        rise, fall = {}, {}
+        rates = {}
         for block in self.space.mergeable_blocks:
-            for sign, rates in ((1, rise), (-1, fall)):
-                if self.spent:
-                    return rise, fall
-                probe = list(r)
-                probe[block] += sign * step
-                if probe[block] < 0:
-                    continue
-                probe = self.space.clamp(probe)  # later blocks cut to what they can merge
-                macs = sign * (base_cost - self.space.cost(probe))
-                if probe[block] != r[block] and macs > 0:
-                    rates[block] = sign * (self.loss(probe) - base_loss) / macs
-        return rise, fall
+            if self.spent:
+                break
+            probe = list(r)
+            sign = -1 if probe[block] else 1
+            probe[block] += sign * min(step, probe[block]) if sign < 0 else step
+            probe = self.space.clamp(probe)  # later blocks cut to what they can merge
+            macs = sign * (base_cost - self.space.cost(probe))
+            if probe[block] != r[block] and macs > 0:
+                rates[block] = sign * (self.loss(probe) - base_loss) / macs
+        return rates, rates
 
     def _exchange(self, r: list[int], step: int,
                   rates: tuple[dict[int, float], dict[int, float]]) -> list[int] | None:
@@ -563,7 +564,8 @@ class _Search:
         order = sorted(rise, key=rise.get)  # where merging more hurts least per MAC
         giving = sorted(fall, key=fall.get, reverse=True)  # where merging less helps most
         pairs = sorted(((fall[donor] - rise[taker], donor, taker) for donor in fall
-                        for taker in rise if donor != taker and fall[donor] > rise[taker]),
+                        for taker in rise if donor != taker and fall[donor] > rise[taker]
+                        and r[donor] > 0),
                        reverse=True)
         tried = 0
         for _, donor, taker in pairs:
