@@ -15,10 +15,12 @@ from .api import merge_config, merge_info, patch, pooling_weights, unpatch
 from .core.registry import Algorithm, MergeContext, available_algorithms, register
 from .runtime.state import MergeConfig, MergeInfo
 from .tasks.finetune import evaluate_classifier, finetune
+from .calibration import Calibration, calibrate  # noqa: E402  (uses the API above)
 
 __version__ = "0.1.0"
 
-__all__ = ["Algorithm", "MergeConfig", "MergeContext", "MergeInfo", "UnsupportedModelError",
-           "available_algorithms", "merge_config", "merge_info", "patch", "pooling_weights",
-           "register", "supported_models", "unpatch", "__version__"]
+__all__ = ["Algorithm", "Calibration", "MergeConfig", "MergeContext", "MergeInfo",
+           "UnsupportedModelError", "available_algorithms", "calibrate", "merge_config",
+           "merge_info", "patch", "pooling_weights", "register", "supported_models", "unpatch",
+           "__version__"]
 __all__ += ["evaluate_classifier", "finetune"]  # training through merging (docs/finetuning.md)

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(commands, shared)
 
+    from .cli_calibrate import add_calibrate_parser
+
+    add_calibrate_parser(commands, shared)
+
     flops = command(
         "flops", help="per-block FLOPs of a merged model, cross-checked with torch's counter",
         description="Analytic multiply-accumulates per block (attention, MLP, merge overhead "
@@ -265,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "algorithms":
             return run_algorithms()
+        if args.command == "calibrate":
+            from .cli_calibrate import run_calibrate
+
+            return run_calibrate(args)
         if args.command == "eval":
             from .cli_eval import run_eval
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..core.schedule import token_counts
+
 if TYPE_CHECKING:
     from ..core.registry import Algorithm
 
@@ -155,6 +157,33 @@ class FlopsReport:
     @property
     def total_flops(self) -> int:
         return 2 * self.total_macs
+
+
+def token_layout(model: nn.Module) -> tuple[int, int]:
+    """``(tokens, prefix)``: tokens entering the first block of a timm or Hugging Face
+    ViT/DeiT, and how many of them are prefix tokens (class, distillation, registers)."""
+    patches, prefix = _tokens_and_prefix(model)
+    return patches + prefix, prefix
+
+
+def schedule_macs(model: nn.Module, merges: Sequence[int],
+                  algorithm: Algorithm | None = None) -> int:
+    """MACs per image of a timm or Hugging Face ViT/DeiT whose blocks merge away ``merges``
+    tokens (one count per block), counted without running it: what :func:`flops` reports
+    as ``total_macs`` for a model patched with ``r=merges`` (the merge's similarity
+    products included when ``algorithm`` is given)."""
+    shape = VitShape.of(model)
+    num_patches, prefix = _tokens_and_prefix(model)
+    if len(merges) != shape.num_blocks:
+        raise ValueError(f"merges lists {len(merges)} counts but the model has "
+                         f"{shape.num_blocks} blocks: give one per block")
+    counts = token_counts(num_patches + prefix, merges)
+    total = vit_macs(shape, counts, num_patches)
+    if algorithm is not None:
+        heads = model.blocks[0].attn.num_heads if hasattr(model, "blocks") else \
+            model.config.num_attention_heads
+        total += similarity_macs(algorithm, counts, prefix, shape.width // heads)
+    return total
 
 
 def flops(model: nn.Module, inputs) -> FlopsReport:

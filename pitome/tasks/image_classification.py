@@ -64,6 +64,23 @@ def read_image_folder(root: str | Path) -> list[LabelledImage]:
     return images
 
 
+def class_balanced_halves(images: list[LabelledImage]) -> tuple[list[LabelledImage],
+                                                                  list[LabelledImage]]:
+    """Two halves of ``images`` that span the same classes: sorted by label, the even
+    positions and the odd ones (an image folder is usually sorted by class, so its first
+    half holds the first half of the classes only)."""
+    ordered = sorted(images, key=lambda item: (item.label, str(item.path)))
+    return ordered[0::2], ordered[1::2]
+
+
+def evenly_spread(images: list[LabelledImage], count: int) -> list[LabelledImage]:
+    """``count`` of ``images`` at evenly spaced positions (all of them if there are fewer):
+    of a label-sorted list, a sample spread over its classes."""
+    if count >= len(images):
+        return list(images)
+    return [images[(index * len(images)) // count] for index in range(count)]
+
+
 def read_tsv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """Rows of a tab-separated file with a header, each with its line number; the header
     must name ``columns`` and every row must fill them."""
