@@ -240,3 +240,31 @@ def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
     assert "| eager | 1 | visionzip@64t | 64 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists"):
         benchmark.main(args)
+
+
+def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys):
+    import json
+
+    from pitome.cli import main
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    processor().save_pretrained(tmp_path / "llava")
+    for index, picture in enumerate(pictures(2)):
+        picture.save(tmp_path / f"p{index}.png")
+    lines = [{"image": "p0.png", "question": "what is it ?", "answer": "dog"},
+             {"image": "p1.png", "question": "what is the sky ?", "answer": "A",
+              "choices": ["dog", "cat"]}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(["eval", "vqa", "--model", str(tmp_path / "llava"), "--data",
+                 str(tmp_path / "q.jsonl"), "--algo", "none,visionzip,pitome", "--ratio", "0.8",
+                 "--tokens", "12", "--batch-size", "2", "--max-new-tokens", "2", "--no-plot",
+                 "--out", str(tmp_path / "out")]) == 0
+    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert {key: cell["image_tokens"] for key, cell in cells.items()} == {
+        "none": 64, "visionzip@0.8": 34, "pitome@0.8": 34, "visionzip@12t": 12,
+        "pitome@12t": 12}
+    assert cells["visionzip@12t"]["tokens"] == 12 and cells["visionzip@12t"]["ratio"] is None
+    assert cells["visionzip@12t"]["gflops"] < cells["visionzip@0.8"]["gflops"]
+    out = capsys.readouterr().out
+    assert " 12t " in out
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("algo,ratio,tokens,")
