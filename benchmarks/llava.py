@@ -112,7 +112,7 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> torch.n
             model = transformers.LlavaForConditionalGeneration(llava_config(tiny))
     finally:
         torch.set_default_dtype(default)
-    model.eval()
+    model.to(dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: always the full 32 tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -257,7 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a tiny LLaVA on the CPU in fp32: checks the script in seconds")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated: none, ALGO@RATIO, ALGO@Nt (default: %(default)s)")
-    parser.add_argument("--batches", default=None, help="comma-separated (default 1,8,32; tiny 1,2)")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated (default 1,8,32; tiny 1,2)")
     parser.add_argument("--modes", default=None,
                         help="comma-separated of eager, static, compiled (default eager,static; "
                              "compiled compiles once per variant and batch, in the warm-up)")
@@ -313,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple, list[dict]] = {}
     environment = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                    else platform.processor() or "cpu", "dtype": str(dtype),
-                   "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                   "torch": torch.__version__,
+                   "transformers": __import__("transformers").__version__,
                    "python": platform.python_version(), "tiny": args.tiny,
                    "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
                    "command": " ".join(sys.argv)}
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         sample = generate_once(model, inputs[batch], mode, args.new_tokens,
                                                device)
-                    except Exception as error:  # noqa: BLE001 - a failing mode must not cost the run
+                    except Exception as error:  # noqa: BLE001 - one mode failing keeps the rest
                         if mode == "eager":
                             raise
                         print(f"{mode} mode failed ({type(error).__name__}: {error}); "

@@ -187,7 +187,8 @@ def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(input
         options[device, compiled] = task.generation_options()
     assert "cache_implementation" not in options["cpu", False]
     assert options["cuda", False]["cache_implementation"] == "static"
-    assert options["cuda", False]["disable_compile"] and not options["cuda", True]["disable_compile"]
+    assert options["cuda", False]["disable_compile"]
+    assert not options["cuda", True]["disable_compile"]
     # What the GPU path asks of generate gives the CPU path's answers here.
     fast = {key: value for key, value in options["cuda", True].items() if key != "disable_compile"}
     assert torch.equal(model.generate(**inputs, **fast),
@@ -207,7 +208,8 @@ def test_a_merged_static_cache_is_sized_to_the_merged_prompt(inputs):
     pitome.patch(model, "pitome", ratio=0.8)
     merged = cache_length(model.generate(**inputs, **options))
     fitted = fit_image_placeholders(model, inputs)["input_ids"].shape[1]
-    assert merged == fitted + GREEDY["max_new_tokens"] - 1 < unmerged  # the last token is not cached
+    # The cache holds the prompt and every new token but the last.
+    assert merged == fitted + GREEDY["max_new_tokens"] - 1 < unmerged
     pitome.unpatch(model)
     forget_static_cache(model)
     assert cache_length(model.generate(**inputs, **options)) == unmerged
