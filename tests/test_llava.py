@@ -270,3 +270,17 @@ def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys):
     out = capsys.readouterr().out
     assert " 12t " in out
     assert (tmp_path / "out" / "results.csv").read_text().startswith("algo,ratio,tokens,")
+
+
+@pytest.mark.slow
+def test_the_compiled_decoding_step_traces_whole_through_the_patch(inputs):
+    """transformers compiles the decoding step (``torch.compile`` of the model's call, with
+    its hooks) for a static cache on GPUs; here on CPU, Dynamo only (backend "eager"),
+    fullgraph so that a graph break in the placeholder hook would fail."""
+    model = pitome.patch(tiny_llava(), "visionzip", tokens=12)
+    reference = model.generate(**inputs, **GREEDY)
+    config = transformers.CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    compiled = model.generate(**inputs, **GREEDY, cache_implementation="static",
+                              compile_config=config)
+    assert hasattr(model, "_compiled_call") and torch.equal(compiled, reference)
