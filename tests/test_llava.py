@@ -272,7 +272,6 @@ def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys):
     assert (tmp_path / "out" / "results.csv").read_text().startswith("algo,ratio,tokens,")
 
 
-@pytest.mark.slow
 def test_the_compiled_decoding_step_traces_whole_through_the_patch(inputs):
     """transformers compiles the decoding step (``torch.compile`` of the model's call, with
     its hooks) for a static cache on GPUs; here on CPU, Dynamo only (backend "eager"),
