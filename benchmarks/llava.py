@@ -14,7 +14,7 @@ Variants: ``none`` (unmerged), ``ALGO@RATIO`` (e.g. ``pitome@0.9``) and ``ALGO@N
 transformers' compiled decoding step, CUDA graphs; each variant and batch compiles once, in
 the warm-up round). Variants take turns in every round (one process, interleaved); the
 table reports medians over the measured rounds. Rounds stop early at ``--time-limit`` so
-the run fits one GPU call; the JSON is rewritten after every round.
+the run fits one GPU call; the JSON is rewritten after every measured generate.
 
 Measured per row: time to first token (the prefill, until the first logits are ready), decode
 tokens/s (the other 31 tokens of every prompt), end-to-end generate time, the KV cache
@@ -112,7 +112,7 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> torch.n
             model = transformers.LlavaForConditionalGeneration(llava_config(tiny))
     finally:
         torch.set_default_dtype(default)
-    model.eval()
+    model.to(dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: always the full 32 tokens
     model.generation_config.pad_token_id = 0
     return model
@@ -215,6 +215,15 @@ def median_row(samples: list[dict]) -> dict:
     return row
 
 
+def summary(samples: dict[tuple, list[dict]], tokens: dict[str, int],
+            per_token: int) -> list[dict]:
+    """One row per mode, batch and variant: medians of its samples."""
+    return [{"mode": mode, "batch": batch, "variant": name, "image_tokens": tokens[name],
+             "rounds": len(found), "image_kv_mb": batch * tokens[name] * per_token / 2 ** 20,
+             **median_row(found)}
+            for (mode, batch, name), found in samples.items()]
+
+
 def table(rows: list[dict]) -> str:
     header = ("mode", "batch", "variant", "img tok", "TTFT ms", "TTFT x", "decode tok/s",
               "decode x", "e2e ms", "e2e x", "img KV MB", "KV MB", "peak GB")
@@ -257,7 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a tiny LLaVA on the CPU in fp32: checks the script in seconds")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="comma-separated: none, ALGO@RATIO, ALGO@Nt (default: %(default)s)")
-    parser.add_argument("--batches", default=None, help="comma-separated (default 1,8,32; tiny 1,2)")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated (default 1,8,32; tiny 1,2)")
     parser.add_argument("--modes", default=None,
                         help="comma-separated of eager, static, compiled (default eager,static; "
                              "compiled compiles once per variant and batch, in the warm-up)")
@@ -313,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple, list[dict]] = {}
     environment = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                    else platform.processor() or "cpu", "dtype": str(dtype),
-                   "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                   "torch": torch.__version__,
+                   "transformers": __import__("transformers").__version__,
                    "python": platform.python_version(), "tiny": args.tiny,
                    "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
                    "command": " ".join(sys.argv)}
@@ -337,26 +348,22 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         sample = generate_once(model, inputs[batch], mode, args.new_tokens,
                                                device)
-                    except Exception as error:  # noqa: BLE001 - a failing mode must not cost the run
+                    except Exception as error:  # noqa: BLE001 - one mode failing keeps the rest
                         if mode == "eager":
                             raise
                         print(f"{mode} mode failed ({type(error).__name__}: {error}); "
                               "dropped", file=sys.stderr, flush=True)
                         args.modes.remove(mode)
                         continue
-                    if measured:
+                    if measured:  # written as it comes, so a run cut short keeps its rows
                         samples.setdefault((mode, batch, variant.name), []).append(sample)
+                        rows = summary(samples, tokens, per_token)
+                        path.write_text(json.dumps({"environment": environment, "rows": rows},
+                                                   indent=1))
                     print(f"round {round_index + 1}/{total}{'' if measured else ' (warm-up)'} "
                           f"{mode} batch {batch} {variant.name}: TTFT {sample['ttft_ms']:.1f} ms, "
                           f"e2e {sample['e2e_ms']:.0f} ms [{time.perf_counter() - started:.0f} s]",
                           file=sys.stderr, flush=True)
-        if measured:
-            rows = [{"mode": mode, "batch": batch, "variant": name,
-                     "image_tokens": tokens[name], "rounds": len(found),
-                     "image_kv_mb": batch * tokens[name] * per_token / 2 ** 20,
-                     **median_row(found)}
-                    for (mode, batch, name), found in samples.items()]
-            path.write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
         last_round = time.perf_counter() - started - elapsed
     pitome.unpatch(model)
     print(table(rows))

@@ -58,6 +58,17 @@ def ratio(text: str) -> float:
         ) from None
 
 
+def token_list(text: str) -> list[int]:
+    """An argparse type: comma-separated token counts to keep, each at least 1, no two alike."""
+    parse = at_least(1)
+    values = [parse(item.strip()) for item in text.split(",") if item.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one token count, e.g. 64,128")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r} names a token count twice; give each once")
+    return values
+
+
 def ratio_list(text: str) -> list[float]:
     """An argparse type: comma-separated keep ratios, each in [0.5, 1], no two alike."""
     values = [ratio(item.strip()) for item in text.split(",") if item.strip()]

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 
 from .cli_common import (METHOD_DOC, HelpFormatter, UsageError, add_algos, add_device,
-                         add_weights, algorithm_list, at_least, ratio_list, weights_label)
+                         add_weights, algorithm_list, at_least, ratio_list, token_list,
+                         weights_label)
 
 TASKS = ("imagenet", "retrieval", "text", "vqa")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_RATIOS = "0.9,0.925,0.95,0.975"
 RANDOM_WEIGHTS_TITLE = "RANDOM WEIGHTS, the accuracy means nothing: "
 
 
@@ -37,9 +39,13 @@ def add_eval_parser(commands: argparse._SubParsersAction,
     def common(task: argparse.ArgumentParser, default_algos: str = "none,pitome,tome") -> None:
         add_algos(task, default_algos)
         task.add_argument("--ratio", "--ratios", dest="ratio", type=ratio_list,
-                          default="0.9,0.925,0.95,0.975",
                           help="comma-separated keep ratios, each in [0.5, 1] "
-                               f"({METHOD_DOC} §1)")
+                               f"({METHOD_DOC} §1; default {DEFAULT_RATIOS}, none when "
+                               "--tokens is given)")
+        task.add_argument("--tokens", type=token_list, default=[],
+                          help="comma-separated token counts to keep per image or sequence "
+                               "(prefix not counted; on LLaVA the image tokens), cells beside "
+                               "the ratios'")
         task.add_argument("--out", help="output folder (default: results/eval-TASK)")
         task.add_argument("--batch-size", "--batch", dest="batch_size", type=at_least(1),
                           default=32, help="examples per forward")
@@ -114,7 +120,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     algos = algorithm_list(args.algos, extra=("none",))
     weights = weights_label(args) if args.task == "imagenet" else None
-    cells = grid(algos, args.ratio)
+    ratios = args.ratio if args.ratio is not None else \
+        ([] if args.tokens else ratio_list(DEFAULT_RATIOS))
+    cells = grid(algos, ratios, args.tokens)
     out = Path(args.out or f"results/eval-{args.task}")
     processes = start_processes(args.device)
     task = _build_task(args, processes, weights)

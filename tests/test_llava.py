@@ -187,7 +187,8 @@ def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(input
         options[device, compiled] = task.generation_options()
     assert "cache_implementation" not in options["cpu", False]
     assert options["cuda", False]["cache_implementation"] == "static"
-    assert options["cuda", False]["disable_compile"] and not options["cuda", True]["disable_compile"]
+    assert options["cuda", False]["disable_compile"]
+    assert not options["cuda", True]["disable_compile"]
     # What the GPU path asks of generate gives the CPU path's answers here.
     fast = {key: value for key, value in options["cuda", True].items() if key != "disable_compile"}
     assert torch.equal(model.generate(**inputs, **fast),
@@ -207,7 +208,8 @@ def test_a_merged_static_cache_is_sized_to_the_merged_prompt(inputs):
     pitome.patch(model, "pitome", ratio=0.8)
     merged = cache_length(model.generate(**inputs, **options))
     fitted = fit_image_placeholders(model, inputs)["input_ids"].shape[1]
-    assert merged == fitted + GREEDY["max_new_tokens"] - 1 < unmerged  # the last token is not cached
+    # The cache holds the prompt and every new token but the last.
+    assert merged == fitted + GREEDY["max_new_tokens"] - 1 < unmerged
     pitome.unpatch(model)
     forget_static_cache(model)
     assert cache_length(model.generate(**inputs, **options)) == unmerged
@@ -240,3 +242,44 @@ def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
     assert "| eager | 1 | visionzip@64t | 64 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="exists"):
         benchmark.main(args)
+
+
+def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys):
+    import json
+
+    from pitome.cli import main
+
+    tiny_llava().save_pretrained(tmp_path / "llava")
+    processor().save_pretrained(tmp_path / "llava")
+    for index, picture in enumerate(pictures(2)):
+        picture.save(tmp_path / f"p{index}.png")
+    lines = [{"image": "p0.png", "question": "what is it ?", "answer": "dog"},
+             {"image": "p1.png", "question": "what is the sky ?", "answer": "A",
+              "choices": ["dog", "cat"]}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    assert main(["eval", "vqa", "--model", str(tmp_path / "llava"), "--data",
+                 str(tmp_path / "q.jsonl"), "--algo", "none,visionzip,pitome", "--ratio", "0.8",
+                 "--tokens", "12", "--batch-size", "2", "--max-new-tokens", "2", "--no-plot",
+                 "--out", str(tmp_path / "out")]) == 0
+    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert {key: cell["image_tokens"] for key, cell in cells.items()} == {
+        "none": 64, "visionzip@0.8": 34, "pitome@0.8": 34, "visionzip@12t": 12,
+        "pitome@12t": 12}
+    assert cells["visionzip@12t"]["tokens"] == 12 and cells["visionzip@12t"]["ratio"] is None
+    assert cells["visionzip@12t"]["gflops"] < cells["visionzip@0.8"]["gflops"]
+    out = capsys.readouterr().out
+    assert " 12t " in out
+    assert (tmp_path / "out" / "results.csv").read_text().startswith("algo,ratio,tokens,")
+
+
+def test_the_compiled_decoding_step_traces_whole_through_the_patch(inputs):
+    """transformers compiles the decoding step (``torch.compile`` of the model's call, with
+    its hooks) for a static cache on GPUs; here on CPU, Dynamo only (backend "eager"),
+    fullgraph so that a graph break in the placeholder hook would fail."""
+    model = pitome.patch(tiny_llava(), "visionzip", tokens=12)
+    reference = model.generate(**inputs, **GREEDY)
+    config = transformers.CompileConfig(backend="eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    compiled = model.generate(**inputs, **GREEDY, cache_implementation="static",
+                              compile_config=config)
+    assert hasattr(model, "_compiled_call") and torch.equal(compiled, reference)

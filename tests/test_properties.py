@@ -610,9 +610,11 @@ def trial_of(name: str, batch: int, dtype: torch.dtype) -> Iterator[Trial]:
 
 def expected_merges(ratio: float | None, r: tuple | None, merge_blocks: tuple[int, ...] | None,
                     count_prefix: bool, tokens: int, prefix: int,
-                    clamp: bool = False) -> list[int] | None:
+                    clamp: bool = False, one_shot: bool = False) -> list[int] | None:
     """Tokens each block merges (SPEC: ``r = ⌊T′ − T′ρ⌋`` capped at half of the mergeable
     tokens, or the fixed ``r``), or None when a fixed ``r`` is more than a block can merge.
+    A one-shot algorithm (VisionZip) removes their sum in the last merging block, and may
+    remove more than half there.
     UNKNOWN when a huge ``(r, inflection)`` gives a merging block a small count, which binary
     rounding of ``linear_r`` may make zero or not."""
     if r is None:
@@ -638,10 +640,15 @@ def expected_merges(ratio: float | None, r: tuple | None, merge_blocks: tuple[in
             k = fixed[block]
         if clamp:
             k = min(k, max(mergeable, 0) // 2)
-        if 2 * k > mergeable:
+        if 2 * k > mergeable and not (one_shot and k < mergeable):
             return None
         counts.append(k)
         remaining -= k
+    if one_shot:
+        merging = [block for block in range(DEPTH) if merge_blocks is None or block in merge_blocks]
+        total, counts = sum(counts), [0] * DEPTH
+        if merging:
+            counts[merging[-1]] = total
     return counts
 
 
@@ -726,7 +733,13 @@ def oracle(call: Call, trial: Trial, tokens: int | None = None,
             get_method(algo).defaults.get("count_prefix", False)
     return expected_merges(ratio, r, blocks, count_prefix,
                            trial.family.tokens if tokens is None else tokens,
-                           trial.family.num_prefix, clamp)
+                           trial.family.num_prefix, clamp, one_shot(algo))
+
+
+def one_shot(algo: str | Algorithm) -> bool:
+    """Whether the algorithm reduces once, in the last merging block (VisionZip)."""
+    return bool(getattr(algo if isinstance(algo, Algorithm) else get_method(algo).factory,
+                        "one_shot", False))
 
 
 # --- one patch call, checked ----------------------------------------------------------------
@@ -786,7 +799,8 @@ def check_invariants(call: Call, trial: Trial, expected: list[int] | None) -> No
     assert trial.block_tokens == counts[1:], "the blocks' outputs disagree with merge_info"
     if expected is not None:
         assert info.merges == expected, "the merges do not follow the schedule"
-    assert all(2 * r <= counts[i] - family.num_prefix for i, r in enumerate(info.merges))
+    if not one_shot(algo):
+        assert all(2 * r <= counts[i] - family.num_prefix for i, r in enumerate(info.merges))
     assert torch.isfinite(out.float()).all()
     if not any(info.merges):  # nothing merged: the unpatched model's output, bit for bit
         assert torch.equal(out, trial.reference)

@@ -28,20 +28,33 @@ UNMERGED = "none"
 
 @dataclass(frozen=True)
 class Cell:
-    """One point of the grid; ``algo == "none"`` is the unmerged model (ratio 1)."""
+    """One point of the grid; ``algo == "none"`` is the unmerged model (ratio 1). A cell
+    with ``tokens`` keeps that many tokens (``pitome.patch(..., tokens=N)``), its ratio None."""
 
     algo: str
-    ratio: float
+    ratio: float | None
+    tokens: int | None = None
 
     @property
     def key(self) -> str:
-        return UNMERGED if self.algo == UNMERGED else f"{self.algo}@{self.ratio:g}"
+        if self.algo == UNMERGED:
+            return UNMERGED
+        return f"{self.algo}@{self.tokens}t" if self.tokens is not None else \
+            f"{self.algo}@{self.ratio:g}"
+
+    @property
+    def setting(self) -> str:
+        """The ratio, or the token count as ``64t``, as tables show it."""
+        return f"{self.tokens}t" if self.tokens is not None else f"{self.ratio:g}"
 
 
-def grid(algos: Sequence[str], ratios: Sequence[float]) -> list[Cell]:
-    """The unmerged model once, then every algorithm at every ratio."""
+def grid(algos: Sequence[str], ratios: Sequence[float],
+         tokens: Sequence[int] = ()) -> list[Cell]:
+    """The unmerged model once, then every algorithm at every ratio and token count."""
     cells = [Cell(UNMERGED, 1.0)] if UNMERGED in algos else []
-    return cells + [Cell(algo, ratio) for algo in algos if algo != UNMERGED for ratio in ratios]
+    merged = [algo for algo in algos if algo != UNMERGED]
+    return cells + [Cell(algo, ratio) for algo in merged for ratio in ratios] + \
+        [Cell(algo, None, count) for algo in merged for count in tokens]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -181,7 +194,8 @@ class ResultStore:
         return cell.key in self.cells
 
     def save(self, cell: Cell, metrics: dict[str, Any]) -> None:
-        self.cells[cell.key] = {"algo": cell.algo, "ratio": cell.ratio, **metrics}
+        tokens = {} if cell.tokens is None else {"tokens": cell.tokens}
+        self.cells[cell.key] = {"algo": cell.algo, "ratio": cell.ratio, **tokens, **metrics}
         self.folder.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"setup": self.setup, "cells": self.cells}, indent=1))
@@ -203,7 +217,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     headers = ["algo", "ratio"] + [header for _, header, _ in columns]
     lines = []
     for row in rows:
-        cells = [row["algo"], f"{row['ratio']:g}"]
+        cells = [row["algo"], f"{row['tokens']}t" if row.get("tokens") is not None
+                 else f"{row['ratio']:g}"]
         for key, _, spec in columns:
             value = row.get(key)
             cells.append("-" if value is None else format(value, spec))
@@ -218,7 +233,8 @@ def write_outputs(store: ResultStore, cells: Sequence[Cell], columns: Sequence[t
                   metric: str, metric_label: str, title: str, plot: bool = True) -> str:
     """Print nothing; write ``results.csv`` (and ``results.png``), return the table text."""
     rows = store.rows(cells)
-    keys = ["algo", "ratio"] + [key for key, _, _ in columns]
+    counted = ["tokens"] if any(row.get("tokens") is not None for row in rows) else []
+    keys = ["algo", "ratio", *counted] + [key for key, _, _ in columns]
     with (store.folder / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
@@ -279,7 +295,7 @@ def apply_cell(model: torch.nn.Module, cell: Cell, **options: Any) -> None:
     if cell.algo == UNMERGED:
         unpatch(model)
     else:
-        patch(model, algo=cell.algo, ratio=cell.ratio, **options)
+        patch(model, algo=cell.algo, ratio=cell.ratio, tokens=cell.tokens, **options)
 
 
 class Stopwatch:
