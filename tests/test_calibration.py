@@ -169,3 +169,18 @@ def test_calibrate_command_writes_the_json(tmp_path, capsys):
     assert "calibrated" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_class_balanced_halves_span_every_class():
+    from pathlib import Path
+
+    from pitome.tasks.image_classification import (LabelledImage, class_balanced_halves,
+                                                   evenly_spread)
+
+    items = [LabelledImage(Path(f"{label}-{index}.png"), label)
+             for label in (3, 0, 2, 1) for index in range(2)]
+    first, second = class_balanced_halves(items)
+    assert [item.label for item in first] == [item.label for item in second] == [0, 1, 2, 3]
+    assert [item.label for item in evenly_spread(first + second, 2)] == [0, 0]
+    assert [item.label for item in evenly_spread(first, 2)] == [0, 2]
+    assert evenly_spread(first, 10) == first
