@@ -47,7 +47,8 @@ def score(model, algo: str, r, images, labels, reference) -> dict:
     correct = (logits.argmax(-1) == labels).double() * 100
     top1, top1_error = mean_and_error(correct)
     return {"kl": kl, "kl_se": kl_error, "top1": top1, "top1_se": top1_error,
-            "kl_per_image": kl_per_image(logits, reference).tolist()}
+            "kl_per_image": [float(f"{value:.5g}") for value in
+                             kl_per_image(logits, reference).tolist()]}
 
 
 def main() -> int:

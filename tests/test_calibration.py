@@ -112,6 +112,8 @@ def test_bad_arguments_are_refused():
         calibrate(model, [])
     with pytest.raises(TypeError, match="each batch"):
         calibrate(model, ["an image"])
+    with pytest.raises(TypeError, match="counts FLOPs"):
+        calibrate(torch.nn.Linear(4, 4), torch.randn(2, 4))
     pitome.patch(model, "tome")
     with pytest.raises(ValueError, match="unpatch"):
         calibrate(model, images(4))
