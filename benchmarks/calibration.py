@@ -47,7 +47,8 @@ def score(model, algo: str, r, images, labels, reference) -> dict:
     correct = (logits.argmax(-1) == labels).double() * 100
     top1, top1_error = mean_and_error(correct)
     return {"kl": kl, "kl_se": kl_error, "top1": top1, "top1_se": top1_error,
-            "kl_per_image": kl_per_image(logits, reference).tolist()}
+            "kl_per_image": [float(f"{value:.5g}") for value in
+                             kl_per_image(logits, reference).tolist()]}
 
 
 def main() -> int:
@@ -61,7 +62,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-evaluations", type=int, default=120)
     parser.add_argument("--out", help="JSON output")
+    parser.add_argument("--table-from", metavar="JSON", help="print the table of a saved run")
     args = parser.parse_args()
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        print(table(saved["rows"], saved["unmerged_top1"]))
+        return 0
     started = time.perf_counter()
 
     model = create_timm_model(MODEL, checkpoint=args.checkpoint)
@@ -109,17 +115,27 @@ def main() -> int:
 
 
 def table(rows: list[dict], unmerged_top1: float) -> str:
+    """Markdown: every schedule's KL and top-1, its KL over uniform ToMe's at the budget,
+    and its KL minus uniform's of the same algorithm, paired over images (± SE)."""
     lines = [f"unmerged top-1 {unmerged_top1:.1f}; KL to the unmerged model and top-1 on the "
              "evaluation half, mean ± standard error over images",
-             "| budget (uniform ρ) | FLOPs | algo | schedule | KL | top-1 % | × uniform ToMe KL |",
-             "|---|---|---|---|---|---|---|"]
+             "| budget (uniform ρ) | FLOPs | algo | schedule | KL | top-1 % | × uniform ToMe KL "
+             "| KL − uniform's (paired) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def find(row: dict, algo: str, schedule: str) -> dict | None:
+        return next((other for other in rows if other["ratio"] == row["ratio"]
+                     and other["algo"] == algo and other["schedule"] == schedule), None)
+
     for row in rows:
-        tome = next(other["kl"] for other in rows if other["ratio"] == row["ratio"]
-                    and other["algo"] == "tome" and other["schedule"] == "uniform") \
-            if any(other["algo"] == "tome" for other in rows) else float("nan")
+        tome, uniform = find(row, "tome", "uniform"), find(row, row["algo"], "uniform")
+        difference = torch.tensor(row["kl_per_image"]) - torch.tensor(uniform["kl_per_image"])
+        mean, error = mean_and_error(difference)
         lines.append(f"| {row['ratio']:g} ({row['budget']:.3f}) | {row['flops']:.3f} | "
                      f"{row['algo']} | {row['schedule']} | {row['kl']:.4f} ± {row['kl_se']:.4f} | "
-                     f"{row['top1']:.1f} ± {row['top1_se']:.1f} | {row['kl'] / tome:.2f} |")
+                     f"{row['top1']:.1f} ± {row['top1_se']:.1f} | "
+                     f"{row['kl'] / tome['kl'] if tome else float('nan'):.2f} | "
+                     f"{mean:+.4f} ± {error:.4f} |")
     return "\n".join(lines)
 
 

@@ -137,7 +137,12 @@ class ScheduleSpace:
     @classmethod
     def of(cls, model: nn.Module, algo: str, options: Mapping[str, Any]) -> ScheduleSpace:
         """The space of ``model`` merged by ``algo`` (read from an identity patch)."""
-        tokens, prefix = token_layout(model)
+        try:
+            tokens, prefix = token_layout(model)
+        except TypeError:
+            raise TypeError(f"calibrate counts FLOPs with pitome.analysis.flops, which reads "
+                            f"timm VisionTransformers and Hugging Face ViT/DeiT; a "
+                            f"{type(model).__name__} is neither") from None
         patch(model, algo, r=0, **options)
         try:
             config = merge_config(model)

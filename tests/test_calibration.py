@@ -112,6 +112,8 @@ def test_bad_arguments_are_refused():
         calibrate(model, [])
     with pytest.raises(TypeError, match="each batch"):
         calibrate(model, ["an image"])
+    with pytest.raises(TypeError, match="counts FLOPs"):
+        calibrate(torch.nn.Linear(4, 4), torch.randn(2, 4))
     pitome.patch(model, "tome")
     with pytest.raises(ValueError, match="unpatch"):
         calibrate(model, images(4))
@@ -169,3 +171,18 @@ def test_calibrate_command_writes_the_json(tmp_path, capsys):
     assert "calibrated" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_class_balanced_halves_span_every_class():
+    from pathlib import Path
+
+    from pitome.tasks.image_classification import (LabelledImage, class_balanced_halves,
+                                                   evenly_spread)
+
+    items = [LabelledImage(Path(f"{label}-{index}.png"), label)
+             for label in (3, 0, 2, 1) for index in range(2)]
+    first, second = class_balanced_halves(items)
+    assert [item.label for item in first] == [item.label for item in second] == [0, 1, 2, 3]
+    assert [item.label for item in evenly_spread(first + second, 2)] == [0, 0]
+    assert [item.label for item in evenly_spread(first, 2)] == [0, 2]
+    assert evenly_spread(first, 10) == first
