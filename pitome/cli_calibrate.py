@@ -28,14 +28,15 @@ def add_calibrate_parser(commands: argparse._SubParsersAction,
     command.add_argument("--model", default="vit_tiny_patch16_224.augreg_in21k_ft_in1k",
                          help="timm model name")
     add_weights(command, random_by_default=False)
-    command.add_argument("--algo", default="pitome", help="the algorithm to calibrate for")
+    command.add_argument("--algo", "--algos", dest="algo", default="pitome",
+                         help="the algorithm to calibrate for (`pitome algorithms`)")
     budget = command.add_mutually_exclusive_group()
     budget.add_argument("--flops", type=float,
                         help="the budget as a fraction of the unmerged model's FLOPs")
     budget.add_argument("--like-ratio", type=ratio, default=0.9,
                         help="the budget: the FLOPs of a uniform keep ratio (ignored with "
                              "--flops)")
-    command.add_argument("--images", type=at_least(2), default=64,
+    command.add_argument("--num-images", dest="images", type=at_least(2), default=64,
                          help="calibration images, spread over the classes")
     command.add_argument("--batch-size", "--batch", dest="batch_size", type=at_least(1),
                          default=16, help="images per forward")

@@ -162,7 +162,7 @@ def test_calibrate_command_writes_the_json(tmp_path, capsys):
     folder = image_folder(tmp_path / "images", classes=2, per_class=4)
     out = tmp_path / "c.json"
     args = ["calibrate", "--data", str(folder), "--model", "vit_tiny_patch16_224",
-            "--random-weights", "--algo", "tome", "--images", "4", "--batch", "2",
+            "--random-weights", "--algo", "tome", "--num-images", "4", "--batch", "2",
             "--max-evaluations", "4", "--out", str(out)]
     assert main(args) == 0
     result = Calibration.load(out)
