@@ -44,7 +44,10 @@ class LinearPlan:
     def num_out(self) -> int:
         return self.num_prefix + self.matrix.shape[0]
 
-    def weighted_mean(self, x: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weighted_mean(self, x: torch.Tensor, sizes: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        if sizes is None:  # every token holds one input token
+            sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         prefix, rest = x[:, :self.num_prefix], x[:, self.num_prefix:]
         compute = torch.promote_types(x.dtype, torch.float32)
         mixed = self.matrix.to(compute) @ rest.to(compute)

@@ -171,7 +171,8 @@ class MergePlan:
         """``B×K×1`` input tokens in each output token when every input token holds one."""
         sizes = torch.ones(batch * self.num_out, 1, dtype=torch.float32, device=device)
         if not self.drop_src and self.src.shape[1]:
-            sizes.index_add_(0, self.dst_rows, sizes.new_ones(1, 1).expand(self.dst_rows.shape[0], 1))
+            ones = sizes.new_ones(1, 1).expand(self.dst_rows.shape[0], 1)
+            sizes.index_add_(0, self.dst_rows, ones)
         return sizes.view(batch, self.num_out, 1)
 
 

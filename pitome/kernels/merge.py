@@ -27,8 +27,6 @@ def merge_tokens(plan: MergePlan, x: torch.Tensor, sizes: torch.Tensor | None,
     if not fused:
         if residual is not None:
             x = x + residual
-        if sizes is None and type(plan) is not MergePlan:
-            sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         return plan.weighted_mean(x, sizes)
     from .jit.merge import merge_rows_kernel
 
