@@ -57,6 +57,34 @@ def images(batch: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, TINY["img_size"], TINY["img_size"], generator=generator)
 
 
+def tiny_clip_vision() -> torch.nn.Module:
+    """A 4-layer Hugging Face ``CLIPVisionModel`` on 64-pixel images (64 patches + CLS)."""
+    import transformers
+
+    config = transformers.CLIPVisionConfig(hidden_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, intermediate_size=128,
+                                           image_size=64, patch_size=8)
+    return transformers.CLIPVisionModel(config).eval()
+
+
+def word_tokenizer(words: list[str], **special: str):
+    """A BERT-style word-level fast tokenizer: ``[PAD] [UNK] [CLS] [SEP]`` (ids 0-3), then
+    ``words``; each sentence is wrapped in ``[CLS] … [SEP]``. ``special`` passes further
+    tokenizer settings (e.g. ``mask_token``, ``model_max_length``)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {word: index
+             for index, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", **special)
+
+
 def need_shared() -> None:
     if not (VIT_TINY.is_file() and IMAGENET_SAMPLE.is_dir()):
         pytest.skip(f"shared ViT-Tiny weights and ImageNet sample not found under {SHARED}")

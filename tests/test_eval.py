@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import IMAGENET_SAMPLE, SHARED, VIT_TINY, image_folder, need_shared
+from conftest import (IMAGENET_SAMPLE, SHARED, VIT_TINY, image_folder, need_shared,
+                      word_tokenizer)
 
 from pitome.cli import main
 from pitome.tasks.retrieval import read_karpathy, recall_at
@@ -187,17 +188,7 @@ WORDS = ("what is the color of a dog cat red blue green yes no it photo sky gras
 
 
 def tiny_tokenizer(special_image: bool = False):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS, *"ABCDEF", ".", ":", "?", ","]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", model_max_length=512)
+    tokenizer = word_tokenizer([*WORDS, *"ABCDEF", ".", ":", "?", ","], model_max_length=512)
     if special_image:
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     return tokenizer

@@ -13,7 +13,7 @@ from pitome.tasks.finetune import distillation_loss, logits_of, unmerged_teacher
 from pitome.tasks.finetune_data import (ImageBatches, TextBatches, load_text_classifier,
                                         split_alternating, tokenize)
 
-from conftest import build, image_folder
+from conftest import build, image_folder, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,18 +48,8 @@ def toy_sentences(count: int, seed: int = 0) -> tuple[list[str], list[int]]:
 
 def tiny_bert_folder(root) -> str:
     """A 4-layer BERT sequence classifier and its word-level tokenizer, saved to ``root``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
     root.mkdir(parents=True, exist_ok=True)
-    vocab = {word: index for index, word in
-             enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer = word_tokenizer(["[MASK]", *WORDS], mask_token="[MASK]")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32,
                                      num_hidden_layers=4, num_attention_heads=2,

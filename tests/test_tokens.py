@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, images
+from conftest import build, images, tiny_clip_vision
 
 import pitome
 
@@ -23,11 +23,8 @@ def test_every_algorithm_reaches_the_token_count_on_timm(algo):
 
 
 def test_hf_clip_vision_reaches_the_token_count_and_refuses_the_unreachable():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPVisionConfig(hidden_size=64, num_hidden_layers=4,
-                                           num_attention_heads=4, intermediate_size=128,
-                                           image_size=64, patch_size=8)
-    model = transformers.CLIPVisionModel(config).eval()
+    pytest.importorskip("transformers")
+    model = tiny_clip_vision()
     pitome.patch(model, "pitome", tokens=12)
     with torch.no_grad():
         out = model(pixel_values=images(2)).last_hidden_state

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, images
+from conftest import build, images, tiny_clip_vision
 
 import pitome
 from pitome.algorithms import VisionZip
@@ -69,11 +69,8 @@ def test_visionzip_on_timm_reduces_once_in_the_last_block(spec):
 
 
 def test_visionzip_on_hf_clip_vision_keeps_the_exact_count():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPVisionConfig(hidden_size=64, num_hidden_layers=4,
-                                           num_attention_heads=4, intermediate_size=128,
-                                           image_size=64, patch_size=8)
-    model = transformers.CLIPVisionModel(config).eval()
+    pytest.importorskip("transformers")
+    model = tiny_clip_vision()
     pitome.patch(model, "visionzip", tokens=5)
     with torch.no_grad():
         out = model(pixel_values=images(2)).last_hidden_state
