@@ -28,6 +28,22 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def task_command(commands: argparse._SubParsersAction, shared: argparse.ArgumentParser,
+                 name: str, help: str, description: str | None
+                 ) -> Callable[..., argparse.ArgumentParser]:
+    """Add command ``name`` whose first argument picks a task (``pitome eval imagenet``);
+    returns ``task(name, **kwargs)``, which adds one task's parser with the shared flags."""
+    command = commands.add_parser(name, help=help, description=description, parents=[shared],
+                                  formatter_class=HelpFormatter)
+    tasks = command.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    def task(task_name: str, **kwargs) -> argparse.ArgumentParser:
+        return tasks.add_parser(task_name, parents=[shared], formatter_class=HelpFormatter,
+                                **kwargs)
+
+    return task
+
+
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an int no smaller than ``minimum``."""
 

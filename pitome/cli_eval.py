@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .cli_common import (METHOD_DOC, HelpFormatter, UsageError, add_algos, add_device,
-                         add_weights, algorithm_list, at_least, ratio_list, token_list,
+from .cli_common import (METHOD_DOC, UsageError, add_algos, add_device, add_weights,
+                         algorithm_list, at_least, ratio_list, task_command, token_list,
                          weights_label)
 
 TASKS = ("imagenet", "retrieval", "text", "vqa")
@@ -27,14 +27,9 @@ RANDOM_WEIGHTS_TITLE = "RANDOM WEIGHTS, the accuracy means nothing: "
 
 def add_eval_parser(commands: argparse._SubParsersAction,
                     shared: argparse.ArgumentParser) -> None:
-    evaluate = commands.add_parser(
-        "eval", help="accuracy, GFLOPs and speed across merge ratios on your data",
-        description=__doc__.split("\n\n")[1] if __doc__ else None, parents=[shared],
-        formatter_class=HelpFormatter)
-    tasks = evaluate.add_subparsers(dest="task", metavar="TASK", required=True)
-
-    def task(name: str, **kwargs) -> argparse.ArgumentParser:
-        return tasks.add_parser(name, parents=[shared], formatter_class=HelpFormatter, **kwargs)
+    task = task_command(commands, shared, "eval",
+                        help="accuracy, GFLOPs and speed across merge ratios on your data",
+                        description=__doc__.split("\n\n")[1] if __doc__ else None)
 
     def common(task: argparse.ArgumentParser, default_algos: str = "none,pitome,tome") -> None:
         add_algos(task, default_algos)

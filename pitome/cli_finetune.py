@@ -18,22 +18,17 @@ from pathlib import Path
 
 import torch
 
-from .cli_common import (METHOD_DOC, HelpFormatter, UsageError, add_device, add_weights,
-                         algorithm_list, at_least, ratio, weights_label)
+from .cli_common import (METHOD_DOC, UsageError, add_device, add_weights, algorithm_list,
+                         at_least, ratio, task_command, weights_label)
 
 DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_finetune_parser(commands: argparse._SubParsersAction,
                         shared: argparse.ArgumentParser) -> None:
-    finetune = commands.add_parser(
-        "finetune", help="fine-tune a classifier with merging, optionally self-distilled",
-        description=__doc__.split("\n\n")[0] if __doc__ else None, parents=[shared],
-        formatter_class=HelpFormatter)
-    tasks = finetune.add_subparsers(dest="task", metavar="TASK", required=True)
-
-    def task(name: str, **kwargs) -> argparse.ArgumentParser:
-        return tasks.add_parser(name, parents=[shared], formatter_class=HelpFormatter, **kwargs)
+    task = task_command(commands, shared, "finetune",
+                        help="fine-tune a classifier with merging, optionally self-distilled",
+                        description=__doc__.split("\n\n")[0] if __doc__ else None)
 
     image = task("image", help="a timm image classifier on an image folder",
                  description="An ImageFolder tree (or labels.tsv) to train on, and another to "
