@@ -43,12 +43,12 @@ def score(model, algo: str, r, images, labels, reference) -> dict:
         pitome.patch(model, algo, r=list(r))
     logits = predict(model, images, batch_size=50)
     pitome.unpatch(model)
-    kl, kl_error = mean_and_error(kl_per_image(logits, reference))
+    kls = kl_per_image(logits, reference)
+    kl, kl_error = mean_and_error(kls)
     correct = (logits.argmax(-1) == labels).double() * 100
     top1, top1_error = mean_and_error(correct)
     return {"kl": kl, "kl_se": kl_error, "top1": top1, "top1_se": top1_error,
-            "kl_per_image": [float(f"{value:.5g}") for value in
-                             kl_per_image(logits, reference).tolist()]}
+            "kl_per_image": [float(f"{value:.5g}") for value in kls.tolist()]}
 
 
 def main() -> int:
