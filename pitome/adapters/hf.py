@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +44,6 @@ from . import llava
 from .base import UnsupportedModelError
 
 TESTED = "transformers 4.45, 4.57, 5.17 and 5.24"
-LLAVA = "LLaVA vision tower"
 
 
 class MergingPreNormLayer(MergingLayer):
@@ -259,6 +260,11 @@ class Family:
     merge_blocks: tuple[int, ...] | None = None
     presets: dict[str, str] = field(default_factory=dict)
     cross_attends: bool = False  # a text encoder cross-attends to the merged image tokens
+    # The blocks whose output the model reads, when that depends on its config (LLaVA reads
+    # one tower layer, so merging stops there); else every block, or ``merge_blocks``.
+    read_blocks: Callable[[Any], tuple[int, ...]] | None = None
+    # What the patched model needs besides merging layers (LLaVA: placeholder fitting).
+    finish_patch: Callable[[nn.Module, Patch], None] | None = None
 
 
 # Margins and text settings: docs/method.md §3 and §5 (the authors' reference values per family).
@@ -280,10 +286,11 @@ FAMILIES = (
     Family("BLIP vision", ("BlipForImageTextRetrieval", "BlipVisionModel"),
            ("vision_model.encoder.layers", "encoder.layers"), 1, CLIP_MARGIN,
            cross_attends=True),
-    Family(LLAVA, ("LlavaForConditionalGeneration",),
+    Family("LLaVA vision tower", ("LlavaForConditionalGeneration",),
            ("model.vision_tower.encoder.layers", "vision_tower.encoder.layers",
             "model.vision_tower.vision_model.encoder.layers",
-            "vision_tower.vision_model.encoder.layers"), 1, CLIP_MARGIN),
+            "vision_tower.vision_model.encoder.layers"), 1, CLIP_MARGIN,
+           read_blocks=llava.read_blocks, finish_patch=llava.fit_inside),
     Family("BERT", ("BertModel", "BertForSequenceClassification"),
            ("encoder.layer", "bert.encoder.layer"), 1, TEXT_MARGIN, (0, 1, 2), TEXT_PRESETS),
     Family("RoBERTa", ("RobertaModel", "RobertaForSequenceClassification"),
@@ -417,9 +424,8 @@ class HuggingFaceAdapter:
 
     def merge_blocks_for(self, model: nn.Module) -> tuple[int, ...] | None:
         family = self.family(model)
-        if family.name == LLAVA:
-            # Blocks from the feature layer on produce nothing the language model reads.
-            return tuple(range(llava.feature_index(model.config)))
+        if family.read_blocks is not None:  # type: ignore[union-attr]
+            return family.read_blocks(model.config)  # type: ignore[union-attr]
         return family.merge_blocks  # type: ignore[union-attr]
 
     def preset_for(self, model: nn.Module, algo: str) -> str:
@@ -493,6 +499,6 @@ class HuggingFaceAdapter:
                     if hasattr(layer, "crossattention"):
                         patch.hook(layer.crossattention.register_forward_pre_hook(
                             held.hand, with_kwargs=True))
-        if family.name == LLAVA:  # type: ignore[union-attr]
-            llava.fit_inside(model, patch)
+        if family.finish_patch is not None:  # type: ignore[union-attr]
+            family.finish_patch(model, patch)  # type: ignore[union-attr]
         return patch

@@ -45,6 +45,12 @@ def feature_index(config: Any) -> int:
     return layer % (config.vision_config.num_hidden_layers + 1)
 
 
+def read_blocks(config: Any) -> tuple[int, ...]:
+    """The tower blocks whose output reaches the language model: those before
+    :func:`feature_index` (the blocks from it on produce nothing it reads)."""
+    return tuple(range(feature_index(config)))
+
+
 def _tower_counts(model: nn.Module) -> tuple[list[int], int]:
     """Tokens entering every tower layer and leaving the last, and the hidden-state index used."""
     vision = model.config.vision_config
