@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .cli_common import (METHOD_DOC, UsageError, add_algos, add_device, add_weights,
+from .cli_common import (METHOD_DOC, add_algos, add_device, add_weights,
                          algorithm_list, at_least, ratio_list, task_command, token_list,
                          weights_label)
 

@@ -62,8 +62,15 @@ def test_token_embeddings_hold_the_real_merged_tokens_only(patched):
     # encode sorts the sentences by length before batching them; merge_info holds that batch
     assert sorted(len(t) for t in batched) == sorted(info.padding.sum(dim=1).tolist())
     for sentence, tokens in zip(SENTENCES, batched):
-        torch.testing.assert_close(torch.as_tensor(tokens), torch.as_tensor(
-            patched.encode([sentence], output_value="token_embeddings")[0]), rtol=0, atol=1e-4)
+        alone = patched.encode([sentence], output_value="token_embeddings")[0]
+        # The same merged tokens; tokens whose energies tie may come out in either order.
+        torch.testing.assert_close(by_first_channel(tokens), by_first_channel(alone),
+                                   rtol=0, atol=1e-4)
+
+
+def by_first_channel(tokens) -> torch.Tensor:
+    tokens = torch.as_tensor(tokens)
+    return tokens[tokens[:, 0].argsort()]
 
 
 def test_merging_keeps_the_embeddings_close_and_unpatch_is_exact(model):

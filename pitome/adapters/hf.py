@@ -78,9 +78,17 @@ class MergingPreNormLayer(MergingLayer):
 class MergingBertLayer(MergingLayer):
     """BERT/RoBERTa post-norm layer: attention sub-block (with its residual norm), merge, FFN."""
 
+    packs = True
+
     def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         state = self._pitome_state(session, hidden_states, attention_mask)
+        if state.packed is not None:
+            inner = self.attention.self
+            x = state.packed.layout.pack(hidden_states)
+            h, keys = packed_attention(session, inner, x, inner.query, inner.key, inner.value)
+            x = self._pitome_packed_merge(session, self.attention.output(h, x), keys)
+            return state.packed.layout.pad(self.feed_forward_chunk(x))
         bias = state.attention_bias(hidden_states.dtype)
         x = self.attention(hidden_states, bias)[0]
         x = self._pitome_merge(session, x, bias, _scale(self.attention.self, x.shape[-1]))
@@ -90,9 +98,13 @@ class MergingBertLayer(MergingLayer):
 class MergingDistilBertLayer(MergingLayer):
     """DistilBERT's ``TransformerBlock``: attention, residual norm, merge, FFN, residual norm."""
 
+    packs = True
+
     def _pitome_layer(self, session: Session, hidden_states: torch.Tensor,
                       attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         state = self._pitome_state(session, hidden_states, attention_mask)
+        if state.packed is not None:
+            return packed_distilbert_layer(self, session, hidden_states)
         bias = state.attention_bias(hidden_states.dtype)
         h, _ = self.attention(hidden_states, attention_mask=bias)
         x = self.sa_layer_norm(h + hidden_states)
@@ -124,9 +136,13 @@ class MergingDistilBertMaskLayer(MergingLayer):
     """DistilBERT's ``TransformerBlock`` in transformers 4.x, whose attention takes
     ``(query, key, value, mask)``; the block otherwise as :class:`MergingDistilBertLayer`."""
 
+    packs = True
+
     def _pitome_layer(self, session: Session, x: torch.Tensor,
                       attn_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
         state = self._pitome_state(session, x, attn_mask)
+        if state.packed is not None:
+            return packed_distilbert_layer(self, session, x)
         bias = state.attention_bias(x.dtype)
         attention = self.attention
         if self._pitome_unmerged(session, x):
@@ -151,6 +167,33 @@ class MergingFusedQKVLayer(MergingLayer):
         h = biased_attention(attention, h, state) if state.biased else attention(hidden_states=h)[0]
         x = self._pitome_merge(session, hidden_states, None, attention.scale, h)
         return x + self.mlp(self.layer_norm2(x))
+
+
+def packed_distilbert_layer(layer: nn.Module, session: Session, x: torch.Tensor
+                            ) -> torch.Tensor:
+    """A DistilBERT block over its padded input's real tokens, packed (see
+    :func:`packed_attention`)."""
+    attention, run = layer.attention, session.state.packed  # type: ignore[union-attr]
+    x = run.layout.pack(x)
+    h, keys = packed_attention(session, attention, x, attention.q_lin, attention.k_lin,
+                               attention.v_lin)
+    x = layer.sa_layer_norm(attention.out_lin(h) + x)
+    x = layer._pitome_packed_merge(session, x, keys)
+    return run.layout.pad(layer.output_layer_norm(layer.ffn(x) + x))
+
+
+def packed_attention(session: Session, attention: nn.Module, x: torch.Tensor,
+                     query: nn.Module, key: nn.Module, value: nn.Module
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed ``1×N×C`` tokens within each sentence, from ``attention``'s own
+    projections, which run on the packed tokens; the attention itself re-pads them to the
+    longest sentence. Returns the packed output before the output projection and the
+    padded ``B×W×C`` keys (the merge's metric)."""
+    run = session.state.packed  # type: ignore[union-attr]
+    q, k, v = (run.layout.pad(projection(x)) for projection in (query, key, value))
+    out = multihead_attention(q, k, v, _head_count(attention), run.key_bias(q.dtype),
+                              _dropout(attention), _scale(attention, x.shape[-1]))
+    return run.layout.pack(out), k
 
 
 def biased_attention(attention: nn.Module, x: torch.Tensor, state: MergeState) -> torch.Tensor:

@@ -10,8 +10,9 @@ from ..kernels.bipartite import bipartite_plan, energy_bipartite_plan, set_token
 from ..kernels.energy import EnergyOptions, tokens_by_energy
 from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
-from ..core.energy import head_mean
+from ..core.energy import head_mean, unit_rows
 from ..core.plan import MergePlan, assemble
+from ..core.ragged import RaggedContext, RowPlan, with_prefix
 
 Split = Literal["alternate", "contiguous"]
 
@@ -111,3 +112,50 @@ def match_top_edges(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tens
         src, dst = a_idx.gather(1, src_pos), best_b.gather(1, src_pos)
     kept = stay if protected is None else torch.cat([protected, stay], dim=1)
     return assemble(num_prefix, kept=kept, destinations=b_idx, src=src, dst_in_destinations=dst)
+
+
+def ragged_bipartite(metric: torch.Tensor, ctx: RaggedContext,
+                     order: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+                     split: Split = "alternate", start: int = 0) -> RowPlan:
+    """:func:`bipartite_merge` of every row of a padded batch at once, row ``b`` removing
+    ``ctx.r[b]`` tokens, each row exactly as it would be planned alone.
+
+    ``metric`` holds the non-prefix tokens (``B×n×d``, padding last). They are listed in
+    ``order`` (``B×n``, padding last; None: token order); the first ``pooled[b]`` (default
+    all real ones) split into A and B by ``split``, the other real ones are protected. Output
+    places follow :func:`pitome.core.plan.assemble`: protected, unmerged A (strongest edge
+    first), then B.
+    """
+    batch, tokens = metric.shape[:2]
+    device = metric.device
+    mergeable = (ctx.lengths - ctx.num_prefix).unsqueeze(1)
+    r = ctx.r.unsqueeze(1)
+    pooled = mergeable if pooled is None else pooled.unsqueeze(1)
+    place = torch.arange(tokens, device=device).unsqueeze(0)  # place in the order
+    in_pool = place < pooled
+    if split == "alternate":
+        in_a = in_pool & ((place - start) % 2 == 0)
+    else:
+        in_a = place < pooled // 2
+    in_b = in_pool & ~in_a
+    unit = unit_rows(head_mean(metric))
+    if order is not None:
+        unit = unit.gather(1, order.unsqueeze(-1).expand_as(unit))
+    scores = (unit @ unit.transpose(1, 2)).masked_fill(
+        ~(in_a.unsqueeze(2) & in_b.unsqueeze(1)), float("-inf"))
+    best, partner = scores.max(dim=-1)
+    by_edge = argsort_rows(best.masked_fill(~in_a, float("-inf")), descending=True)
+    edge_rank = torch.empty_like(by_edge).scatter_(1, by_edge, place.expand(batch, tokens))
+    merged = in_a & (edge_rank < r)
+    protected = pooled.expand(batch, tokens)
+    num_protected = mergeable - pooled
+    unmerged_a = in_a.sum(dim=1, keepdim=True) - r
+    slot = torch.full_like(by_edge, -1)
+    slot = torch.where(in_b, num_protected + unmerged_a + torch.cumsum(in_b, 1) - 1, slot)
+    slot = torch.where(in_a & ~merged, num_protected + edge_rank - r, slot)
+    slot = torch.where((place >= protected) & (place < mergeable), place - protected, slot)
+    target = torch.where(merged, slot.gather(1, partner), -1)
+    if order is not None:
+        slot = torch.empty_like(slot).scatter_(1, order, slot)
+        target = torch.empty_like(target).scatter_(1, order, target)
+    return with_prefix(ctx.num_prefix, slot, target)

@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 
 from ..core.energy import EnergyKind
-from .matching import bipartite_merge, energy_bipartite_merge
+from .matching import bipartite_merge, energy_bipartite_merge, ragged_bipartite
 from ..core.plan import MergePlan
+from ..core.ragged import RaggedContext, RowPlan
 from ..core.registry import Algorithm, MergeContext
 from ..kernels.energy import EnergyOptions, token_energy
 from ..kernels.sort import argsort_rows
@@ -41,6 +42,7 @@ class PiToMe(Algorithm):
     """
 
     takes_head_keys = True  # token_energy and bipartite_merge average them as they read them
+    ragged = True
 
     def __init__(self, energy: EnergyKind = "elu",
                  split: Literal["alternate", "contiguous"] = "alternate",
@@ -70,6 +72,19 @@ class PiToMe(Algorithm):
         return bipartite_merge(mergeable, ctx.r, ctx.num_prefix, order, pooled, self.split,
                                padding=ctx.padding)
 
+    def plan_rows(self, metric: torch.Tensor, ctx: RaggedContext) -> RowPlan:
+        mergeable = metric[:, ctx.num_prefix:]
+        real = ctx.real[:, ctx.num_prefix:]
+        weights = real.float()  # the mean over a row's real neighbours only
+        if self.size_weighted and ctx.sizes is not None:
+            weights = weights * ctx.sizes[:, ctx.num_prefix:, 0]
+        energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
+        order = argsort_rows(energy.masked_fill(~real, float("-inf")), descending=True)
+        tokens = ctx.lengths - ctx.num_prefix
+        pooled = tokens if math.isinf(self.pool) else \
+            torch.minimum(tokens, torch.round(2 * ctx.r * self.pool).long())
+        return ragged_bipartite(mergeable, ctx, order, pooled, self.split)
+
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
                          r: int = 0) -> int:
         return mergeable ** 2
@@ -83,9 +98,13 @@ class Hybrid(Algorithm):
         self.needs_attention = early.needs_attention or late.needs_attention
         self.takes_head_keys = early.takes_head_keys and late.takes_head_keys
         self.traceable = early.traceable and late.traceable
+        self.ragged = early.ragged and late.ragged
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         return self._choose(ctx.block, ctx.num_blocks)(metric, ctx)
+
+    def plan_rows(self, metric: torch.Tensor, ctx: RaggedContext) -> RowPlan:
+        return self._choose(ctx.block, ctx.num_blocks).plan_rows(metric, ctx)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
                          r: int = 0) -> int:

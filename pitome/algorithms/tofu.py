@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from ..core.plan import MergePlan
+from ..core.ragged import RaggedContext, RowPlan
 from ..core.registry import Algorithm, MergeContext
 from .tome import ToMe
 
@@ -26,9 +27,17 @@ class ToFu(Algorithm):
         self.prune_until = prune_until
         self.matching = ToMe()
 
+    ragged = True
+
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
-        plan = self.matching(metric, ctx)
-        if ctx.block < self.prune_until * ctx.num_blocks:
+        return self._fuse(self.matching(metric, ctx), ctx.block, ctx.num_blocks)
+
+    def plan_rows(self, metric: torch.Tensor, ctx: RaggedContext) -> RowPlan:
+        return self._fuse(self.matching.plan_rows(metric, ctx), ctx.block, ctx.num_blocks)
+
+    def _fuse(self, plan, block: int, num_blocks: int):
+        """The matching's plan, pruning early and merging by MLERP later."""
+        if block < self.prune_until * num_blocks:
             return replace(plan, drop_src=True)
         return replace(plan, max_norm=True)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .matching import bipartite_merge
+from .matching import bipartite_merge, ragged_bipartite
 from ..core.plan import MergePlan
+from ..core.ragged import RaggedContext, RowPlan
 from ..core.registry import Algorithm, MergeContext
 
 
@@ -22,6 +23,7 @@ class ToMe(Algorithm):
     """
 
     takes_head_keys = True  # bipartite_merge averages them as it reads them
+    ragged = True
 
     def __init__(self, prefix_parity: bool = False) -> None:
         self.prefix_parity = prefix_parity
@@ -30,6 +32,10 @@ class ToMe(Algorithm):
         start = ctx.num_prefix % 2 if self.prefix_parity else 0
         return bipartite_merge(metric[:, ctx.num_prefix:], ctx.r, ctx.num_prefix, start=start,
                                padding=ctx.padding)
+
+    def plan_rows(self, metric: torch.Tensor, ctx: RaggedContext) -> RowPlan:
+        start = ctx.num_prefix % 2 if self.prefix_parity else 0
+        return ragged_bipartite(metric[:, ctx.num_prefix:], ctx, start=start)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
                          r: int = 0) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .plan import MergePlan
+from .ragged import RaggedContext, RowPlan
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,26 @@ class Algorithm(ABC):
         one_shot: it reduces the tokens once, in the last merging block, to the count the
             schedule would reach there (VisionZip); its plans may remove any number of
             tokens, not at most half.
+        ragged: it plans the rows of a padded batch at once, each removing its own number
+            of tokens (:meth:`plan_rows`), so padded text runs packed as one computation;
+            padded batches of other algorithms are planned one sentence length at a time.
     """
 
     needs_attention: bool = False
     takes_head_keys: bool = False
     traceable: bool = True
     one_shot: bool = False
+    ragged: bool = False
 
     @abstractmethod
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         """The plan removing ``ctx.r`` tokens of this block."""
+
+    def plan_rows(self, metric: torch.Tensor, ctx: RaggedContext) -> RowPlan:
+        """The plan of every row of a padded ``B×W×d`` metric, row ``b`` removing
+        ``ctx.r[b]`` of its ``ctx.lengths[b]`` tokens exactly as :meth:`__call__` would plan
+        that row alone (for algorithms with ``ragged = True``)."""
+        raise NotImplementedError(f"{type(self).__name__} plans one row length at a time")
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
                          r: int = 0) -> int:

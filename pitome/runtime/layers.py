@@ -70,8 +70,13 @@ class MergingLayer:
     """Shared by every layer kind: the session's lifecycle and the merge point.
 
     A layer kind implements ``_pitome_layer(session, *args, **kwargs)``, the layer's forward
-    with a merge between attention and MLP, returning the hidden states.
+    with a merge between attention and MLP, returning the hidden states. A kind with
+    ``packs = True`` runs a padded batch packed when its state has :attr:`MergeState.packed`:
+    each such layer packs its padded input, runs its projections, merge and MLP on the real
+    tokens alone and pads its output again (see :mod:`pitome.runtime.packed`).
     """
+
+    packs = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runtime: Runtime = self.__dict__[RUNTIME_ATTR]
@@ -108,12 +113,27 @@ class MergingLayer:
                       attention_mask: torch.Tensor | None) -> MergeState:
         """The forward's merge state, started by the first layer, entered for this one."""
         if session.state is None:
-            session.begin(x, real_tokens(attention_mask, x.shape[1]))
+            session.begin(x, real_tokens(attention_mask, x.shape[1]), packs=self.packs)
         state: MergeState = session.state  # type: ignore[assignment]
         session.block = self.__dict__[INDEX_ATTR]
         state.enter(session.block)
         session.keys = session.queries = session.metric = None
         return state
+
+    def _pitome_packed_merge(self, session: Session, x: torch.Tensor,
+                             padded_keys: torch.Tensor) -> torch.Tensor:
+        """The packed ``1×N×C`` tokens ``x`` merged by this block's schedule of each sentence,
+        planned on the padded ``B×W×C`` attention keys (or on ``x`` with ``metric="hidden"``)."""
+        state: MergeState = session.state  # type: ignore[assignment]
+        block = self.__dict__[INDEX_ATTR]
+        run = state.packed
+        if not run.merges(block):
+            return x
+        if state.config.metric == "keys":
+            metric = split_heads(padded_keys, session.runtime.heads).mean(dim=1)
+        else:
+            metric = run.layout.pad(x)
+        return state.merge(x, metric, block)
 
     def _pitome_unmerged(self, session: Session, x: torch.Tensor) -> bool:
         """Whether no token has merged yet, so the mask the model built still fits ``x``."""

@@ -33,12 +33,14 @@ class Session:
         self.metric: torch.Tensor | None = None  # what the running block's merge plans on
         self.block = 0  # the running block
 
-    def begin(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> MergeState:
-        """Start merging ``x`` (``B×T×C``, the first block's input)."""
+    def begin(self, x: torch.Tensor, padding: torch.Tensor | None = None,
+              packs: bool = False) -> MergeState:
+        """Start merging ``x`` (``B×T×C``, the first block's input); ``packs``: the blocks
+        can run a padded batch packed (see :class:`MergeState`)."""
         runtime = self.runtime
         self.tokens_in = x.shape[1]
         self.state = MergeState(runtime.config, x, runtime.num_prefix, runtime.num_layers,
-                                padding=padding)
+                                padding=padding, packs=packs)
         return self.state
 
     def hand_keys(self, keys: torch.Tensor) -> None:
@@ -46,6 +48,8 @@ class Session:
         the attention some algorithms read), and the block's plan started from them."""
         self.keys = keys
         state = self.state
+        if state.packed is not None:
+            return  # packed keys: the block plans on them once re-padded
         if state.config.metric == "keys" and state.merges[self.block]:
             self.metric = state.keys_metric(split_heads(keys, self.runtime.heads), self.block)
 

@@ -13,6 +13,7 @@ from ..core.schedule import MarginSpec, TokenSchedule, resolve_margin, token_cou
 from ..kernels.launch import fuses_head_mean
 from ..kernels.merge import merge_tokens
 from .overlap import plan_ahead_enabled, side_stream
+from .packed import PackedRun, right_padded_lengths
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,15 @@ class MergeState:
 
     A padded batch (``padding`` given, real tokens first in every row) is merged sentence by
     sentence: each row follows the schedule of its own length, as it would alone, so its
-    output never depends on what else is in the batch. Rows of equal length are planned
-    together; the padding a shorter row needs to fill the batch is kept, never merged.
+    output never depends on what else is in the batch. With ``packs`` (a layer that runs
+    packed tokens) and an algorithm that plans rows of different lengths at once
+    (``Algorithm.ragged``), the batch runs packed (:attr:`packed`, see
+    :mod:`pitome.runtime.packed`); otherwise rows of equal length are planned together and
+    the padding a shorter row needs to fill the batch is kept, never merged.
     """
 
     def __init__(self, config: MergeConfig, x: torch.Tensor, num_prefix: int, num_blocks: int,
-                 padding: torch.Tensor | None = None) -> None:
+                 padding: torch.Tensor | None = None, packs: bool = False) -> None:
         batch, tokens, _ = x.shape
         self.config = config
         self.num_prefix = num_prefix
@@ -72,8 +76,15 @@ class MergeState:
         self.sizes: torch.Tensor | None = None
         self.padding = None if padding is None or bool(padding.all()) else padding.bool()
         self.rows_by_length: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self.packed: PackedRun | None = None
         if self.padding is not None:
-            self.rows_by_length = self._rows_by_length(self.padding)
+            lengths = right_padded_lengths(self.padding, num_prefix)
+            if packs and config.algorithm.ragged:
+                self.packed = PackedRun(self, lengths, tokens, x.device)
+                if not any(self.packed.merges(k) for k in range(num_blocks)):
+                    self.packed = None  # nothing merges: the model's own padded layout
+            if self.packed is None:
+                self.rows_by_length = self._rows_by_length(self.padding, lengths)
         self.source: torch.Tensor | None = None
         if config.trace_source:
             self.source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens)
@@ -89,24 +100,22 @@ class MergeState:
         """Call as a block starts: a block entered before (a recomputation by activation
         checkpointing) sees the sizes, sources and padding it saw then, and its plan."""
         self._replaying = block in self._entering
+        packed = None if self.packed is None else self.packed.snapshot()
         if self._replaying:
-            self.sizes, self.source, self.padding = self._entering[block]
+            self.sizes, self.source, self.padding, packed = self._entering[block]
+            if packed is not None:
+                self.packed.restore(packed)
         else:
-            self._entering[block] = (self.sizes, self.source, self.padding)
+            self._entering[block] = (self.sizes, self.source, self.padding, packed)
 
-    def _rows_by_length(self, padding: torch.Tensor) -> dict[int, tuple[torch.Tensor, list[int]]]:
+    def _rows_by_length(self, padding: torch.Tensor, lengths: list[int]
+                        ) -> dict[int, tuple[torch.Tensor, list[int]]]:
         """Rows grouped by real length, each with its token count entering every block."""
-        lengths = padding.sum(dim=1)
-        positions = torch.arange(padding.shape[1], device=padding.device)
-        if not torch.equal(padding, positions < lengths.unsqueeze(1)):
-            raise ValueError("token merging needs right-padded input (real tokens first in every "
-                             "row); pad on the right, e.g. tokenizer.padding_side = 'right'")
-        if int(lengths.min()) <= self.num_prefix:
-            raise ValueError("every row needs at least one token besides the prefix tokens")
+        by_row = torch.tensor(lengths, device=padding.device)
         groups = {}
-        for length in sorted(set(lengths.tolist())):
+        for length in sorted(set(lengths)):
             merges = self.config.schedule.plan(length, self.num_prefix, self.num_blocks, clamp=True)
-            rows = (lengths == length).nonzero().flatten()
+            rows = (by_row == length).nonzero().flatten()
             groups[length] = (rows, token_counts(length, merges))
         return groups
 
@@ -181,6 +190,8 @@ class MergeState:
         r = self.merges[block]
         if residual is not None and (r == 0 or self.padding is not None):
             x, residual = x + residual, None
+        if self.packed is not None:
+            return self.packed.merge(x, metric, block) if self.packed.merges(block) else x
         if r == 0:
             return x
         plan = self.planned_ahead.pop(block, None)
@@ -263,6 +274,8 @@ class MergeState:
         return out
 
     def info(self, num_tokens: int) -> MergeInfo:
+        if self.packed is not None:
+            self.padding, self.sizes, self.source = self.packed.padded()
         return MergeInfo(algo=self.config.algo, token_counts=token_counts(num_tokens, self.merges),
                          merges=list(self.merges), sizes=self.sizes, source=self.source,
                          plans=dict(self.plans), padding=self.padding)

@@ -1,0 +1,254 @@
+"""Padded text batches run packed: every sentence merged by the schedule of its own length,
+the whole batch planned at once (pitome.core.ragged, pitome.runtime.packed), agreeing with
+each sentence run alone and with the per-length reference twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pitome
+from pitome.adapters.hf import MergingBertLayer, MergingDistilBertLayer
+from pitome.algorithms import ToMe
+from pitome.algorithms.pitome import PiToMe
+from pitome.core.ragged import PackedLayout, RaggedContext
+from pitome.core.registry import MergeContext
+from pitome.runtime.packed import PackedRun
+
+transformers = pytest.importorskip("transformers", reason="pip install 'pitome[hf]'")
+
+LENGTHS = [40, 17, 33, 9, 40, 26]
+RAGGED_ALGOS = ["pitome", "pitome_text", "tome", "tofu", "bsm_pitome", "pitome_paper"]
+
+
+def bert(kind: str = "bert", layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        config = transformers.DistilBertConfig(dim=64, n_layers=layers, n_heads=4, hidden_dim=128,
+                                               vocab_size=100, attn_implementation="sdpa")
+        return transformers.DistilBertModel(config).eval()
+    config_class, model_class = {
+        "bert": (transformers.BertConfig, transformers.BertModel),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaModel)}[kind]
+    config = config_class(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                          intermediate_size=128, vocab_size=100, attn_implementation="sdpa")
+    return model_class(config).eval()
+
+
+def padded_batch(lengths: list[int], width: int | None = None):
+    width = max(lengths) if width is None else width
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (len(lengths), width), generator=generator)
+    mask = (torch.arange(width) < torch.tensor(lengths).unsqueeze(1)).long()
+    return ids, mask
+
+
+def packed_merges(monkeypatch) -> list[int]:
+    """Record every packed merge (so a test knows the packed path ran)."""
+    calls: list[int] = []
+    merge = PackedRun.merge
+    monkeypatch.setattr(PackedRun, "merge",
+                        lambda self, x, metric, block: calls.append(block) or merge(
+                            self, x, metric, block))
+    return calls
+
+
+def pooled(hidden: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Size-weighted mean of ``T×C`` tokens with ``T`` sizes."""
+    return (hidden * sizes.unsqueeze(-1)).sum(0) / sizes.sum()
+
+
+def canonical(tokens: torch.Tensor) -> torch.Tensor:
+    """Rows in one order: tokens whose energies tie may come out in either."""
+    return tokens[tokens[:, 0].argsort()]
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("algo", RAGGED_ALGOS)
+def test_each_sentence_merges_as_it_would_alone(kind, algo, monkeypatch):
+    calls = packed_merges(monkeypatch)
+    model = pitome.patch(bert(kind), algo, ratio=0.8)
+    ids, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        together = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        info = pitome.merge_info(model)
+        assert calls, "the padded batch did not run packed"
+        assert together.shape[:2] == info.padding.shape
+        for row, length in enumerate(LENGTHS):
+            alone = model(input_ids=ids[row:row + 1, :length]).last_hidden_state[0]
+            sizes_alone = pitome.merge_info(model).sizes[0, :, 0]
+            count = int(info.padding[row].sum())
+            assert count == alone.shape[0]
+            sizes = info.sizes[row, :count, 0]
+            assert float(sizes.sum()) == (length if algo != "tofu" else sizes_alone.sum())
+            torch.testing.assert_close(sizes.sort().values, sizes_alone.sort().values)
+            torch.testing.assert_close(together[row, 0], alone[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(pooled(together[row, :count], sizes),
+                                       pooled(alone, sizes_alone), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(canonical(together[row, :count]), canonical(alone),
+                                       rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("algo", ["pitome", "tome"])
+def test_packed_agrees_with_the_per_length_reference(algo, monkeypatch):
+    ids, mask = padded_batch(LENGTHS)
+    model = pitome.patch(bert(), algo, ratio=0.75, trace_source=True)
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        fast = pitome.merge_info(model)
+        monkeypatch.setattr(MergingBertLayer, "packs", False)
+        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        slow = pitome.merge_info(model)
+    assert torch.equal(fast.padding, slow.padding)
+    for row in range(len(LENGTHS)):
+        real = fast.padding[row]
+        torch.testing.assert_close(pooled(packed[row, real], fast.sizes[row, real, 0]),
+                                   pooled(reference[row, real], slow.sizes[row, real, 0]),
+                                   rtol=1e-4, atol=1e-5)
+        # The same groups of input tokens (in any order of the output tokens).
+        groups = {tuple(g.nonzero().flatten().tolist()) for g in fast.source[row, real]}
+        assert groups == {tuple(g.nonzero().flatten().tolist()) for g in slow.source[row, real]}
+
+
+def test_sources_partition_each_sentence_and_padding_never_merges():
+    ids, mask = padded_batch(LENGTHS, width=48)  # padded beyond the longest sentence too
+    model = pitome.patch(bert(), "pitome", ratio=0.7, trace_source=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    info = pitome.merge_info(model)
+    assert info.source.shape[1] == info.token_counts[-1] == info.padding.shape[1]
+    for row, length in enumerate(LENGTHS):
+        real = info.padding[row]
+        source = info.source[row, real]
+        assert torch.equal(source.sum(0)[:length], torch.ones(length))  # each input once
+        assert not source[:, length:].any()  # padding joined no real token
+        assert torch.equal(source.sum(1), info.sizes[row, real, 0])
+        assert torch.equal(source[0, :1], torch.ones(1))  # CLS stays first, alone
+        assert float(source[0].sum()) == 1
+
+
+@pytest.mark.parametrize("algo", ["pitome", "tome"])
+def test_bf16_runs_packed_close_to_fp32(algo, monkeypatch):
+    calls = packed_merges(monkeypatch)
+    ids, mask = padded_batch(LENGTHS)
+    model = pitome.patch(bert(), algo, ratio=0.8)
+    embeddings = []
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            hidden = model.to(dtype)(input_ids=ids, attention_mask=mask).last_hidden_state
+            info = pitome.merge_info(model)
+            embeddings.append(torch.stack([
+                pooled(hidden[row, real].float(), info.sizes[row, real, 0])
+                for row, real in enumerate(info.padding)]))
+    assert calls
+    cosine = torch.nn.functional.cosine_similarity(*embeddings, dim=-1)
+    assert cosine.min() > 0.99, cosine
+
+
+def test_training_backward_and_checkpointing_run_packed(monkeypatch):
+    calls = packed_merges(monkeypatch)
+    ids, mask = padded_batch(LENGTHS)
+    grads = []
+    for checkpointing in (False, True):
+        model = pitome.patch(bert(), "pitome", ratio=0.8).train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        real = pitome.merge_info(model).padding
+        out[real].square().mean().backward()
+        grads.append(model.embeddings.word_embeddings.weight.grad.clone())
+    assert calls
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_distilbert_reference_twin_agrees(monkeypatch):
+    ids, mask = padded_batch(LENGTHS)
+    model = pitome.patch(bert("distilbert"), "pitome", ratio=0.8)
+    with torch.no_grad():
+        packed = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        fast = pitome.merge_info(model)
+        monkeypatch.setattr(MergingDistilBertLayer, "packs", False)
+        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for row in range(len(LENGTHS)):
+        real = fast.padding[row]
+        torch.testing.assert_close(canonical(packed[row, real]), canonical(reference[row, real]),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_one_leaves_the_padded_batch_to_the_model(monkeypatch):
+    calls = packed_merges(monkeypatch)
+    ids, mask = padded_batch(LENGTHS)
+    reference = bert()
+    model = pitome.patch(bert(), "pitome", ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   reference(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert not calls
+
+
+def test_layout_packs_and_pads_back():
+    layout = PackedLayout([3, 1, 2], torch.device("cpu"), width=4)
+    x = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    packed = layout.pack(x)
+    assert packed.shape == (1, 6, 2)
+    assert torch.equal(packed[0, 3], x[1, 0])
+    padded = layout.pad(packed)
+    assert torch.equal(padded[layout.real], x[layout.real])
+    assert not padded[~layout.real].any()
+    bias = layout.key_bias(torch.float32)
+    assert bias.shape == (3, 1, 1, 4) and (bias[~layout.real[:, None, None, :]] < -1e30).all()
+
+
+@pytest.mark.parametrize("algorithm", [ToMe(), ToMe(prefix_parity=True), PiToMe(),
+                                       PiToMe("gaussian", "contiguous"),
+                                       PiToMe(pool=float("inf")), PiToMe(pool=1.5)],
+                         ids=["tome", "tome-parity", "pitome", "pitome-text", "bsm", "pool1.5"])
+def test_row_plans_merge_each_row_as_its_own_plan_does(algorithm):
+    torch.manual_seed(2)
+    lengths, rs, width, prefix = [21, 12, 7, 21], [6, 4, 1, 9], 21, 1
+    metric = torch.randn(len(lengths), width, 16)
+    real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)
+    ctx = RaggedContext(lengths=torch.tensor(lengths), r=torch.tensor(rs), num_prefix=prefix,
+                        block=0, num_blocks=4, margin=0.5, real=real)
+    rows = algorithm.plan_rows(metric, ctx)
+    for b, (length, r) in enumerate(zip(lengths, rs)):
+        own = algorithm(metric[b:b + 1, :length], MergeContext(r=r, num_prefix=prefix, block=0,
+                                                               num_blocks=4, margin=0.5))
+        slot, target = rows.slot[b, :length], rows.target[b, :length]
+        assert torch.equal(rows.slot[b, length:], torch.full((width - length,), -1))
+        assert torch.equal(slot[own.keep[0]], torch.arange(length - r))  # same places
+        assert torch.equal(target[own.src[0]], own.dst[0])
+        assert int((target >= 0).sum()) == r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("algo", ["pitome", "tome"])
+def test_on_cuda_the_kernels_plan_each_sentence_as_alone(algo, dtype, monkeypatch):
+    calls = packed_merges(monkeypatch)
+    lengths = [200, 37, 128, 65, 199, 12, 150, 90]  # long enough for every kernel to run
+    ids, mask = padded_batch(lengths)
+    model = pitome.patch(bert(layers=3), algo, ratio=0.7, merge_blocks=(0, 1, 2))
+    model = model.to("cuda", dtype)
+    ids, mask = ids.cuda(), mask.cuda()
+    with torch.no_grad():
+        together = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        info = pitome.merge_info(model)
+        assert calls
+        for row, length in enumerate(lengths):
+            alone = model(input_ids=ids[row:row + 1, :length]).last_hidden_state[0]
+            sizes_alone = pitome.merge_info(model).sizes[0, :, 0]
+            real = info.padding[row]
+            assert int(real.sum()) == alone.shape[0]
+            sizes = info.sizes[row, real, 0]
+            assert float(sizes.sum()) == length
+            if dtype == torch.float32:  # bf16 rounding may tip a near-tie either way
+                torch.testing.assert_close(sizes.sort().values, sizes_alone.sort().values)
+            cosine = torch.nn.functional.cosine_similarity(
+                pooled(together[row, real].float(), sizes),
+                pooled(alone.float(), sizes_alone), dim=0)
+            assert cosine > (0.99999 if dtype == torch.float32 else 0.99), (row, cosine)
