@@ -95,26 +95,31 @@ MODELS = {"bert-base": BertShape(768, 12, 12, 3072), "minilm-l6": BertShape(384,
 
 @dataclass(frozen=True)
 class Variant:
-    """How a batch runs: ``none``, or ``ALGO@RATIO[/first3|/all]`` with ALGO ``pitome``,
-    ``tome`` or ``oracle`` (``/first3``: the library's default layers for BERT families;
-    ``/all``: every layer)."""
+    """How a batch runs: ``none``, or ``ALGO@RATIO[/first3|/all][:LAYOUT]`` with ALGO
+    ``pitome``, ``tome`` or ``oracle`` (``/first3``: the library's default layers for BERT
+    families; ``/all``: every layer) and LAYOUT pitome's ``padded_layout`` (``auto`` when
+    not given; ``packed`` or ``padded``)."""
 
     label: str = field(compare=False)
     algo: str
     ratio: float = 1.0
     every_layer: bool = False
+    layout: str = "auto"
 
     @classmethod
     def parse(cls, text: str) -> Variant:
         if text == "none":
             return cls(text, "none")
         algo, _, rest = text.partition("@")
+        rest, _, layout = rest.partition(":")
         ratio, _, layers = rest.partition("/")
-        if algo not in ("pitome", "tome", "oracle") or not ratio or layers not in ("", "first3",
-                                                                                   "all"):
-            raise ValueError(f"variant {text!r}: write none or ALGO@RATIO[/first3|/all], "
-                             "ALGO one of pitome, tome, oracle")
-        return cls(text, algo, float(ratio), layers == "all")
+        if (algo not in ("pitome", "tome", "oracle") or not ratio
+                or layers not in ("", "first3", "all")
+                or layout not in ("", "packed", "padded") or algo == "oracle" and layout):
+            raise ValueError(f"variant {text!r}: write none or ALGO@RATIO[/first3|/all][:LAYOUT], "
+                             "ALGO one of pitome, tome, oracle; LAYOUT packed or padded (not "
+                             "for the oracle)")
+        return cls(text, algo, float(ratio), layers == "all", layout or "auto")
 
     @property
     def schedule(self) -> str:
@@ -132,13 +137,14 @@ class Variant:
         """``model`` (a copy of the unpatched one) patched as this variant merges."""
         algo = "pitome" if self.algo == "oracle" else self.algo
         layers = list(range(model.config.num_hidden_layers)) if self.every_layer else None
-        return pitome.patch(model, algo=algo, ratio=self.ratio, merge_blocks=layers)
+        return pitome.patch(model, algo=algo, ratio=self.ratio, merge_blocks=layers,
+                            padded_layout=self.layout)
 
 
 VARIANTS = tuple(Variant.parse(text) for text in (
     "none", "pitome@1", "oracle@1",
-    "oracle@0.7/first3", "pitome@0.7/first3", "tome@0.7/first3",
-    "oracle@0.9/all", "pitome@0.9/all", "tome@0.9/all"))
+    "oracle@0.7/first3", "pitome@0.7/first3", "pitome@0.7/first3:padded", "tome@0.7/first3",
+    "oracle@0.9/all", "pitome@0.9/all", "pitome@0.9/all:padded", "tome@0.9/all"))
 
 
 def build_model(shape: BertShape, device: torch.device, dtype: torch.dtype) -> nn.Module:

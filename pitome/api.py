@@ -12,7 +12,7 @@ from .adapters import find_adapter
 from .core.registry import Algorithm, Method, get_method
 from .core.schedule import MarginSpec, RSpec, TokenSchedule, check_margin
 from .runtime import patcher
-from .runtime.state import MergeConfig, MergeInfo
+from .runtime.state import PADDED_LAYOUTS, MergeConfig, MergeInfo
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 DEFAULT_RATIO = 0.9
@@ -22,7 +22,9 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
           r: RSpec | None = None, prop_attn: bool | None = None, margin: MarginSpec | None = None,
           metric: Literal["keys", "hidden"] = "keys", trace_source: bool = False,
           merge_blocks: Sequence[int] | None = None, count_prefix: bool | None = None,
-          keep_plans: bool = False, tokens: int | None = None, **options: Any) -> ModelT:
+          keep_plans: bool = False, tokens: int | None = None,
+          padded_layout: Literal["auto", "packed", "padded", "by_length"] = "auto",
+          **options: Any) -> ModelT:
     """Add token merging to ``model`` in place and return it.
 
     Args:
@@ -52,6 +54,14 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
             geometric per-block schedule (:func:`pitome.core.schedule.merges_for_tokens`);
             a count no schedule can reach is refused (at patch time where the model's input
             size is known).
+        padded_layout: how a padded text batch runs, each sentence merged by the schedule of
+            its own length: ``"packed"`` (the real tokens of all sentences in one row; the
+            fastest eager layout for BERT-family layers, but it reads the sentence lengths on
+            the host), ``"padded"`` (per-row counts on the device; compiles with
+            ``fullgraph=True`` and captures as a CUDA graph), ``"by_length"`` (a loop over
+            sentence lengths, the reference), or ``"auto"``: packed in eager BERT-family
+            layers, padded when compiling or capturing or where layers do not pack, by
+            length for algorithms that cannot plan rows of different lengths at once.
         **options: algorithm options (e.g. ``pool`` and ``energy`` for PiToMe).
 
     Raises:
@@ -85,6 +95,13 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
         ratio=ratio, r=r, tokens=tokens, merge_blocks=merge_blocks,
         count_prefix=method.defaults.get("count_prefix", False) if count_prefix is None
         else count_prefix, one_shot=bool(algorithm.one_shot))
+    if padded_layout not in PADDED_LAYOUTS:
+        raise ValueError(f"padded_layout must be one of {', '.join(map(repr, PADDED_LAYOUTS))}, "
+                         f"got {padded_layout!r}")
+    if padded_layout in ("packed", "padded") and not algorithm.ragged:
+        raise ValueError(f"padded_layout={padded_layout!r} needs an algorithm that plans rows "
+                         f"of different lengths at once; {method.name!r} does not (use 'auto' "
+                         "or 'by_length')")
     if metric not in ("keys", "hidden"):
         raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
     if trace_source and not algorithm.traceable:
@@ -94,7 +111,8 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
         algo=method.name, algorithm=algorithm, schedule=schedule,
         margin=adapter.margin_for(model) if margin is None else margin,
         prop_attn=method.defaults.get("prop_attn", False) if prop_attn is None else prop_attn,
-        metric=metric, trace_source=trace_source, keep_plans=keep_plans)
+        metric=metric, trace_source=trace_source, keep_plans=keep_plans,
+        padded_layout=padded_layout)
     earlier = [(module, patcher.patch_of(module).runtime.config)  # type: ignore[union-attr]
                for module in model.modules() if patcher.patch_of(module) is not None]
     patcher.clear_for(model)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import pitome
-from pitome.adapters.hf import MergingBertLayer, MergingDistilBertLayer
 from pitome.algorithms import ToMe
 from pitome.algorithms.pitome import PiToMe
 from pitome.core.ragged import PackedLayout, RaggedContext
@@ -65,14 +64,15 @@ def canonical(tokens: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert"])
 @pytest.mark.parametrize("algo", RAGGED_ALGOS)
-def test_each_sentence_merges_as_it_would_alone(kind, algo, monkeypatch):
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_each_sentence_merges_as_it_would_alone(kind, algo, layout, monkeypatch):
     calls = packed_merges(monkeypatch)
-    model = pitome.patch(bert(kind), algo, ratio=0.8)
+    model = pitome.patch(bert(kind), algo, ratio=0.8, padded_layout=layout)
     ids, mask = padded_batch(LENGTHS)
     with torch.no_grad():
         together = model(input_ids=ids, attention_mask=mask).last_hidden_state
         info = pitome.merge_info(model)
-        assert calls, "the padded batch did not run packed"
+        assert bool(calls) == (layout == "packed"), "the padded batch ran the other layout"
         assert together.shape[:2] == info.padding.shape
         for row, length in enumerate(LENGTHS):
             alone = model(input_ids=ids[row:row + 1, :length]).last_hidden_state[0]
@@ -89,16 +89,24 @@ def test_each_sentence_merges_as_it_would_alone(kind, algo, monkeypatch):
                                        rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("algo", ["pitome", "tome"])
-def test_packed_agrees_with_the_per_length_reference(algo, monkeypatch):
-    ids, mask = padded_batch(LENGTHS)
-    model = pitome.patch(bert(), algo, ratio=0.75, trace_source=True)
+def run_as(layout: str, model: torch.nn.Module, ids, mask, **options):
+    """``model``'s last hidden state and merge_info with ``padded_layout=layout``."""
+    config = pitome.merge_config(model)
+    pitome.patch(model, config.algo, ratio=config.schedule.ratio, padded_layout=layout,
+                 trace_source=config.trace_source, **options)
     with torch.no_grad():
-        packed = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        fast = pitome.merge_info(model)
-        monkeypatch.setattr(MergingBertLayer, "packs", False)
-        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        slow = pitome.merge_info(model)
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state, \
+            pitome.merge_info(model)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("algo", ["pitome", "tome", "tofu"])
+def test_batched_layouts_agree_with_the_per_length_reference(algo, layout):
+    ids, mask = padded_batch(LENGTHS, width=44)  # padded beyond the longest sentence too
+    model = pitome.patch(bert(), algo, ratio=0.75, trace_source=True)
+    packed, fast = run_as(layout, model, ids, mask)
+    reference, slow = run_as("by_length", model, ids, mask)
+    assert fast.token_counts == slow.token_counts
     assert torch.equal(fast.padding, slow.padding)
     for row in range(len(LENGTHS)):
         real = fast.padding[row]
@@ -127,11 +135,12 @@ def test_sources_partition_each_sentence_and_padding_never_merges():
         assert float(source[0].sum()) == 1
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize("algo", ["pitome", "tome"])
-def test_bf16_runs_packed_close_to_fp32(algo, monkeypatch):
+def test_bf16_runs_close_to_fp32(algo, layout, monkeypatch):
     calls = packed_merges(monkeypatch)
     ids, mask = padded_batch(LENGTHS)
-    model = pitome.patch(bert(), algo, ratio=0.8)
+    model = pitome.patch(bert(), algo, ratio=0.8, padded_layout=layout)
     embeddings = []
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
@@ -140,17 +149,18 @@ def test_bf16_runs_packed_close_to_fp32(algo, monkeypatch):
             embeddings.append(torch.stack([
                 pooled(hidden[row, real].float(), info.sizes[row, real, 0])
                 for row, real in enumerate(info.padding)]))
-    assert calls
+    assert bool(calls) == (layout == "packed")
     cosine = torch.nn.functional.cosine_similarity(*embeddings, dim=-1)
     assert cosine.min() > 0.99, cosine
 
 
-def test_training_backward_and_checkpointing_run_packed(monkeypatch):
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_training_backward_and_checkpointing(layout, monkeypatch):
     calls = packed_merges(monkeypatch)
     ids, mask = padded_batch(LENGTHS)
     grads = []
     for checkpointing in (False, True):
-        model = pitome.patch(bert(), "pitome", ratio=0.8).train()
+        model = pitome.patch(bert(), "pitome", ratio=0.8, padded_layout=layout).train()
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
@@ -160,19 +170,17 @@ def test_training_backward_and_checkpointing_run_packed(monkeypatch):
         real = pitome.merge_info(model).padding
         out[real].square().mean().backward()
         grads.append(model.embeddings.word_embeddings.weight.grad.clone())
-    assert calls
+    assert bool(calls) == (layout == "packed")
     assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
-def test_a_distilbert_reference_twin_agrees(monkeypatch):
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_a_distilbert_reference_twin_agrees(layout):
     ids, mask = padded_batch(LENGTHS)
     model = pitome.patch(bert("distilbert"), "pitome", ratio=0.8)
-    with torch.no_grad():
-        packed = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        fast = pitome.merge_info(model)
-        monkeypatch.setattr(MergingDistilBertLayer, "packs", False)
-        reference = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    packed, fast = run_as(layout, model, ids, mask)
+    reference, _ = run_as("by_length", model, ids, mask)
     for row in range(len(LENGTHS)):
         real = fast.padding[row]
         torch.testing.assert_close(canonical(packed[row, real]), canonical(reference[row, real]),
@@ -252,3 +260,86 @@ def test_on_cuda_the_kernels_plan_each_sentence_as_alone(algo, dtype, monkeypatc
                 pooled(together[row, real].float(), sizes),
                 pooled(alone.float(), sizes_alone), dim=0)
             assert cosine > (0.99999 if dtype == torch.float32 else 0.99), (row, cosine)
+
+
+def pooled_rows(hidden: torch.Tensor, info) -> torch.Tensor:
+    """Every row's size-weighted mean over its real merged tokens."""
+    return torch.stack([pooled(hidden[row, real].float(), info.sizes[row, real, 0])
+                        for row, real in enumerate(info.padding)])
+
+
+def test_padded_batches_compile_fullgraph_and_merge_info_follows():
+    model = pitome.patch(bert(), "pitome", ratio=0.75)
+    batches = [padded_batch(LENGTHS, width=44), padded_batch([30, 12, 44, 5, 20, 21], width=44)]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for ids, mask in batches:  # the second batch's lengths reuse the graph
+            eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            eager_info = pitome.merge_info(model)
+            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            info = pitome.merge_info(model)
+            assert torch.equal(info.padding, eager_info.padding)
+            torch.testing.assert_close(pooled_rows(out, info), pooled_rows(eager, eager_info),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_the_padded_layout_never_reads_the_gpu_on_the_host(monkeypatch):
+    """What lets it compile and capture: no sentence length leaves the device."""
+    import pitome.runtime.state as state
+    from pitome.runtime.layers import MergingLayer
+
+    monkeypatch.setattr(state, "synchronisation_free", lambda: True)
+    layer_forward = MergingLayer.forward
+
+    def forward(self, *args, **kwargs):  # the merging layers only: transformers reads masks
+        with monkeypatch.context() as inside:
+            for name in ("tolist", "item", "__bool__"):
+                inside.setattr(torch.Tensor, name, lambda self: pytest.fail("read on the host"))
+            return layer_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MergingLayer, "forward", forward)
+    model = pitome.patch(bert(), "tome", ratio=0.75)
+    ids, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert pitome.merge_info(model).token_counts[-1] < max(LENGTHS)
+
+
+def test_a_bad_padded_layout_is_refused():
+    with pytest.raises(ValueError, match="padded_layout must be one of .*'sideways'"):
+        pitome.patch(bert(), "pitome", padded_layout="sideways")
+    with pytest.raises(ValueError, match="padded_layout='padded' needs an algorithm"):
+        pitome.patch(bert(), "mctf", padded_layout="padded")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["cuda-graph", "compile"])
+@pytest.mark.parametrize("algo", ["pitome", "tome"])
+def test_on_cuda_padded_batches_capture_and_compile(algo, mode):
+    from pitome.cuda_graph import CudaGraphForward
+
+    lengths = [200, 37, 128, 65, 199, 12, 150, 90]
+    ids, mask = (t.cuda() for t in padded_batch(lengths))
+    model = pitome.patch(bert(layers=3), algo, ratio=0.7, merge_blocks=(0, 1, 2)).cuda()
+
+    def forward(input_ids):
+        return model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+    with torch.no_grad():
+        eager = forward(ids)
+        eager_info = pitome.merge_info(model)
+        reference = run_as("padded", model, ids, mask, merge_blocks=(0, 1, 2))
+        pitome.patch(model, algo, ratio=0.7, merge_blocks=(0, 1, 2))
+        if mode == "cuda-graph":
+            out = CudaGraphForward(forward, ids)(ids)
+        else:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)
+            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    info = reference[1]
+    assert torch.equal(info.padding, eager_info.padding)
+    torch.testing.assert_close(out, reference[0], rtol=1e-3, atol=1e-3)
+    cosine = torch.nn.functional.cosine_similarity(
+        pooled_rows(out, info), pooled_rows(eager, eager_info), dim=-1)
+    assert cosine.min() > 0.9999, cosine

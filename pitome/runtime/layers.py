@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import received_attention, split_heads
 from .session import Runtime, Session
-from .state import MergeState
+from .state import MergeState, synchronisation_free
 
 RUNTIME_ATTR = "_pitome_runtime"
 INDEX_ATTR = "_pitome_index"
@@ -34,7 +34,11 @@ def real_tokens(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tenso
     mask = attention_mask if flat else attention_mask[:, 0, 0, :]
     if mask.shape[-1] != tokens:
         raise ValueError(f"attention mask covers {mask.shape[-1]} tokens, the input has {tokens}")
-    return mask.bool() if mask.dtype == torch.bool or flat and mask.max() <= 1 else mask == 0
+    if mask.dtype == torch.bool:
+        return mask
+    if flat and synchronisation_free():  # a 2-D mask is 0/1 (transformers' convention)
+        return mask != 0
+    return mask.bool() if flat and mask.max() <= 1 else mask == 0
 
 
 class ProjectionTap:
@@ -153,7 +157,7 @@ class MergingLayer:
                        scale: float, residual: torch.Tensor | None) -> torch.Tensor:
         state: MergeState = session.state  # type: ignore[assignment]
         block = self.__dict__[INDEX_ATTR]
-        if not state.merges[block]:
+        if not state.merging(block):
             return x if residual is None else x + residual
         received = self._pitome_received(session, bias, scale) if state.needs_attention else None
         if residual is not None:

@@ -40,7 +40,8 @@ class Session:
         runtime = self.runtime
         self.tokens_in = x.shape[1]
         self.state = MergeState(runtime.config, x, runtime.num_prefix, runtime.num_layers,
-                                padding=padding, packs=packs)
+                                padding=padding, packs=packs,
+                                count_tables=runtime.count_tables)
         return self.state
 
     def hand_keys(self, keys: torch.Tensor) -> None:
@@ -50,7 +51,7 @@ class Session:
         state = self.state
         if state.packed is not None:
             return  # packed keys: the block plans on them once re-padded
-        if state.config.metric == "keys" and state.merges[self.block]:
+        if state.config.metric == "keys" and state.merging(self.block):
             self.metric = state.keys_metric(split_heads(keys, self.runtime.heads), self.block)
 
 
@@ -72,6 +73,7 @@ class Runtime:
         self.config, self.num_prefix, self.num_layers, self.heads = \
             config, num_prefix, num_layers, heads
         self.latest: MergeInfo | None = None
+        self.count_tables: dict = {}  # padded batches' token counts (pitome.runtime.padded)
         self._local = threading.local()
 
     def open(self) -> Session:
@@ -123,8 +125,10 @@ class Runtime:
         state = self.__dict__.copy()
         del state["_local"]  # sessions in flight belong to this process's threads
         state["latest"] = None
+        state["count_tables"] = {}  # device tensors, made again on use
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("count_tables", {})
         self._local = threading.local()

@@ -14,6 +14,17 @@ from ..kernels.launch import fuses_head_mean
 from ..kernels.merge import merge_tokens
 from .overlap import plan_ahead_enabled, side_stream
 from .packed import PackedRun, right_padded_lengths
+from .padded import PaddedRun, apply_row_plan, padded_counts
+
+
+PADDED_LAYOUTS = ("auto", "packed", "padded", "by_length")
+
+
+def synchronisation_free() -> bool:
+    """Whether the forward is being compiled or captured as a CUDA graph, so it must not
+    read the GPU's values on the host."""
+    return torch.compiler.is_compiling() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,27 @@ class MergeConfig:
     metric: str = "keys"
     trace_source: bool = False
     keep_plans: bool = False
+    padded_layout: str = "auto"  # one of PADDED_LAYOUTS; "auto" chooses (see padded_layout)
+
+
+def padded_layout(config: MergeConfig, packs: bool) -> str:
+    """How a padded batch runs (see :class:`MergeState`): ``config.padded_layout``, or for
+    ``"auto"`` packed where the layers pack and the algorithm plans ragged rows (padded
+    while compiling or capturing), padded where the algorithm plans ragged rows, else by
+    length."""
+    layout, ragged = config.padded_layout, config.algorithm.ragged
+    if layout == "auto":
+        if not ragged:
+            return "by_length"
+        return "packed" if packs and not synchronisation_free() else "padded"
+    if layout != "by_length" and not ragged:
+        raise ValueError(f"padded_layout={layout!r} needs an algorithm that plans rows of "
+                         f"different lengths at once; {config.algo!r} does not (use 'auto' "
+                         "or 'by_length')")
+    if layout == "packed" and not packs:
+        raise ValueError("padded_layout='packed' needs layers that run packed tokens (BERT, "
+                         "RoBERTa, DistilBERT); use 'auto' or 'padded'")
+    return layout
 
 
 @dataclass
@@ -59,32 +91,50 @@ class MergeState:
 
     A padded batch (``padding`` given, real tokens first in every row) is merged sentence by
     sentence: each row follows the schedule of its own length, as it would alone, so its
-    output never depends on what else is in the batch. With ``packs`` (a layer that runs
-    packed tokens) and an algorithm that plans rows of different lengths at once
-    (``Algorithm.ragged``), the batch runs packed (:attr:`packed`, see
-    :mod:`pitome.runtime.packed`); otherwise rows of equal length are planned together and
-    the padding a shorter row needs to fill the batch is kept, never merged.
+    output never depends on what else is in the batch. With an algorithm that plans rows of
+    different lengths at once (``Algorithm.ragged``) the batch runs as one computation:
+    packed (:attr:`packed`, see :mod:`pitome.runtime.packed`) when the layers can run packed
+    tokens (``packs``) and the forward may read sentence lengths on the host, else padded
+    with per-row counts on the device (:attr:`rows`, see :mod:`pitome.runtime.padded`),
+    which compiles and captures. Otherwise rows of equal length are planned together and the
+    padding a shorter row needs to fill the batch is kept, never merged.
     """
 
     def __init__(self, config: MergeConfig, x: torch.Tensor, num_prefix: int, num_blocks: int,
-                 padding: torch.Tensor | None = None, packs: bool = False) -> None:
+                 padding: torch.Tensor | None = None, packs: bool = False,
+                 count_tables: dict | None = None) -> None:
         batch, tokens, _ = x.shape
         self.config = config
         self.num_prefix = num_prefix
         self.num_blocks = num_blocks
         self.merges = config.schedule.plan(tokens, num_prefix, num_blocks)
         self.sizes: torch.Tensor | None = None
-        self.padding = None if padding is None or bool(padding.all()) else padding.bool()
         self.rows_by_length: dict[int, tuple[torch.Tensor, list[int]]] = {}
         self.packed: PackedRun | None = None
-        if self.padding is not None:
-            lengths = right_padded_lengths(self.padding, num_prefix)
-            if packs and config.algorithm.ragged:
+        self.rows: PaddedRun | None = None
+        self.padding = None
+        layout = padded_layout(config, packs) if padding is not None else None
+        tables = {} if count_tables is None else count_tables
+        if layout == "padded" and synchronisation_free():
+            self.rows = PaddedRun(tables, config.schedule, padding.bool(), num_prefix, num_blocks)
+        elif padding is not None and not bool(padding.all()):
+            self.padding = padding.bool()
+            if layout == "by_length":
+                lengths = right_padded_lengths(self.padding, num_prefix)
+                self.rows_by_length = self._rows_by_length(self.padding, lengths)
+            elif layout == "padded":
+                right_padded_lengths(self.padding, num_prefix)
+                self.rows = PaddedRun(tables, config.schedule, self.padding, num_prefix,
+                                      num_blocks)
+            elif any(padded_counts(tables, config.schedule, tokens, num_prefix, num_blocks,
+                                   x.device)[2]):  # (also ready for a capture that follows)
+                lengths = right_padded_lengths(self.padding, num_prefix)
                 self.packed = PackedRun(self, lengths, tokens, x.device)
                 if not any(self.packed.merges(k) for k in range(num_blocks)):
                     self.packed = None  # nothing merges: the model's own padded layout
-            if self.packed is None:
-                self.rows_by_length = self._rows_by_length(self.padding, lengths)
+        if self.rows is not None:
+            self.merges = self.rows.merges
+            self.padding = self.rows.real(0)
         self.source: torch.Tensor | None = None
         if config.trace_source:
             self.source = torch.eye(tokens, device=x.device).expand(batch, tokens, tokens)
@@ -118,6 +168,14 @@ class MergeState:
             rows = (by_row == length).nonzero().flatten()
             groups[length] = (rows, token_counts(length, merges))
         return groups
+
+    def merging(self, block: int) -> bool:
+        """Whether any token merges in ``block``."""
+        if self.packed is not None:
+            return self.packed.merges(block)
+        if self.rows is not None:
+            return self.rows.merging[block]
+        return self.merges[block] > 0
 
     @property
     def biased(self) -> bool:
@@ -192,6 +250,8 @@ class MergeState:
             x, residual = x + residual, None
         if self.packed is not None:
             return self.packed.merge(x, metric, block) if self.packed.merges(block) else x
+        if self.rows is not None:
+            return self._merge_padded_rows(x, metric, block) if self.rows.merging[block] else x
         if r == 0:
             return x
         plan = self.planned_ahead.pop(block, None)
@@ -242,6 +302,21 @@ class MergeState:
             plan = self._plan(metric, r, block, sizes, attention)
         x, sizes = merge_tokens(plan, x, sizes, residual)
         return x, sizes, None if source is None else plan.apply(source, "amax"), plan
+
+    def _merge_padded_rows(self, x: torch.Tensor, metric: torch.Tensor, block: int
+                           ) -> torch.Tensor:
+        """Merge every row of the padded ``x`` by its own count (see :class:`PaddedRun`)."""
+        rows, real = self.rows, self.padding
+        ctx = rows.context(block, resolve_margin(self.config.margin, block, self.num_blocks),
+                           real, self.sizes)
+        if metric.dim() == 4:  # per-head keys: the rows are planned on their mean
+            metric = metric.mean(dim=2)
+        with torch.no_grad():
+            plan = self.config.algorithm.plan_rows(metric.detach(), ctx)
+        self.padding = rows.real(block + 1)
+        x, self.sizes, self.source = apply_row_plan(plan, x, self.sizes, real, self.padding,
+                                                    self.source)
+        return x
 
     def _merge_rows_by_length(self, x: torch.Tensor, metric: torch.Tensor, block: int,
                               attention: torch.Tensor | None) -> torch.Tensor:
