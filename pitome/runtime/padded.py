@@ -49,7 +49,8 @@ def padded_counts(tables: CountTables, schedule: TokenSchedule, width: int, num_
     key = (width, device)
     entry = tables.get(key)
     if entry is None or entry[0] is not schedule:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if (device.type == "cuda" and not torch.compiler.is_compiling()
+                and torch.cuda.is_current_stream_capturing()):
             raise RuntimeError(
                 f"a padded batch of width {width} is captured in a CUDA graph before any "
                 "forward ran at that width: run one forward outside the capture first (its "
