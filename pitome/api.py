@@ -12,7 +12,7 @@ from .adapters import find_adapter
 from .core.registry import Algorithm, Method, get_method
 from .core.schedule import MarginSpec, RSpec, TokenSchedule, check_margin
 from .runtime import patcher
-from .runtime.state import PADDED_LAYOUTS, MergeConfig, MergeInfo
+from .runtime.state import MergeConfig, MergeInfo, check_padded_layout
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 DEFAULT_RATIO = 0.9
@@ -95,13 +95,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
         ratio=ratio, r=r, tokens=tokens, merge_blocks=merge_blocks,
         count_prefix=method.defaults.get("count_prefix", False) if count_prefix is None
         else count_prefix, one_shot=bool(algorithm.one_shot))
-    if padded_layout not in PADDED_LAYOUTS:
-        raise ValueError(f"padded_layout must be one of {', '.join(map(repr, PADDED_LAYOUTS))}, "
-                         f"got {padded_layout!r}")
-    if padded_layout in ("packed", "padded") and not algorithm.ragged:
-        raise ValueError(f"padded_layout={padded_layout!r} needs an algorithm that plans rows "
-                         f"of different lengths at once; {method.name!r} does not (use 'auto' "
-                         "or 'by_length')")
+    check_padded_layout(padded_layout, algorithm, method.name)
     if metric not in ("keys", "hidden"):
         raise ValueError(f"metric must be 'keys' or 'hidden', got {metric!r}")
     if trace_source and not algorithm.traceable:

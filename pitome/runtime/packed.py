@@ -33,14 +33,14 @@ class PackedRun:
         sizes: ``1×N×1`` input tokens each packed token holds (None while all are 1).
         source: ``1×N×T`` which of its sentence's input tokens each packed token holds
             (when traced).
-        counts: ``counts[k][b]``: tokens of sentence ``b`` entering block ``k``.
+        counts: ``counts[k][b]``: tokens of sentence ``b`` entering block ``k``, read from
+            ``by_length[L][k]`` (:func:`pitome.runtime.padded.count_table`).
     """
 
-    def __init__(self, state, lengths: list[int], width: int, device: torch.device) -> None:
+    def __init__(self, state, lengths: list[int], width: int, device: torch.device,
+                 by_length: list[list[int]]) -> None:
         self.state = state
         config = state.config
-        by_length = {length: token_counts(length, config.schedule.plan(
-            length, state.num_prefix, state.num_blocks, clamp=True)) for length in set(lengths)}
         self.counts = [[by_length[length][k] for length in lengths]
                        for k in range(state.num_blocks + 1)]
         # The padded width between blocks: what the batch's width would reach by the

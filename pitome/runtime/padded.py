@@ -12,12 +12,24 @@ places of its row (:class:`~pitome.core.ragged.RowPlan`), padding after them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..core.ragged import RaggedContext, RowPlan
 from ..core.schedule import TokenSchedule, token_counts
 
-CountTables = dict  # (width, device) -> (schedule, table, widths, merging), per Runtime
+class Counts(NamedTuple):
+    """The token counts of every sentence length a padded width allows (see
+    :func:`padded_counts`)."""
+
+    by_length: list[list[int]]  # by_length[L][k], on the host (count_table)
+    table: torch.Tensor  # the same, (W+1)×(K+1) on the device
+    widths: list[int]  # the padded width entering each block: the most tokens of any length
+    merging: list[bool]  # whether a sentence of some length merges in each block
+
+
+CountTables = dict  # (width, device) -> (schedule, Counts), per Runtime
 
 
 def count_table(schedule: TokenSchedule, width: int, num_prefix: int,
@@ -36,11 +48,10 @@ def count_table(schedule: TokenSchedule, width: int, num_prefix: int,
 
 
 def padded_counts(tables: CountTables, schedule: TokenSchedule, width: int, num_prefix: int,
-                  num_blocks: int, device: torch.device
-                  ) -> tuple[torch.Tensor, list[int], list[bool]]:
-    """:func:`count_table` as a ``(W+1)×(K+1)`` tensor on ``device``, the batch's padded
-    width entering every block (the most tokens any sentence that fits ``width`` has there)
-    and whether any such sentence merges in each block.
+                  num_blocks: int, device: torch.device) -> Counts:
+    """:func:`count_table` on the host and as a ``(W+1)×(K+1)`` tensor on ``device``, the
+    batch's padded width entering every block (the most tokens any sentence that fits
+    ``width`` has there) and whether any such sentence merges in each block.
 
     Kept in ``tables`` once per padded width and device by eager forwards; a compiled one
     that finds none builds its own as a constant of its graph, and a CUDA graph capture
@@ -58,10 +69,10 @@ def padded_counts(tables: CountTables, schedule: TokenSchedule, width: int, num_
         table = count_table(schedule, width, num_prefix, num_blocks)
         widths = [max(row[k] for row in table) for k in range(num_blocks + 1)]
         merging = [any(row[k] != row[k + 1] for row in table) for k in range(num_blocks)]
-        entry = (schedule, torch.tensor(table, device=device), widths, merging)
+        entry = (schedule, Counts(table, torch.tensor(table, device=device), widths, merging))
         if not torch.compiler.is_compiling():
             tables[key] = entry
-    return entry[1], entry[2], entry[3]
+    return entry[1]
 
 
 class PaddedRun:
@@ -77,10 +88,11 @@ class PaddedRun:
 
     def __init__(self, tables: CountTables, schedule: TokenSchedule, padding: torch.Tensor,
                  num_prefix: int, num_blocks: int) -> None:
-        table, self.widths, self.merging = padded_counts(
-            tables, schedule, padding.shape[1], num_prefix, num_blocks, padding.device)
+        counts = padded_counts(tables, schedule, padding.shape[1], num_prefix, num_blocks,
+                               padding.device)
+        self.widths, self.merging = counts.widths, counts.merging
         self.merges = [a - b for a, b in zip(self.widths, self.widths[1:])]
-        self.counts = table[padding.sum(dim=1)]
+        self.counts = counts.table[padding.sum(dim=1)]
         self.num_prefix, self.num_blocks = num_prefix, num_blocks
 
     def real(self, block: int) -> torch.Tensor:
@@ -111,8 +123,7 @@ def apply_row_plan(plan: RowPlan, x: torch.Tensor, sizes: torch.Tensor | None,
     sources (None if ``source`` is)."""
     batch, width_out = real_out.shape
     channels = x.shape[-1]
-    merged_away = plan.drop_src
-    place = plan.slot if merged_away else torch.where(plan.slot >= 0, plan.slot, plan.target)
+    place = plan.slot if plan.drop_src else torch.where(plan.slot >= 0, plan.slot, plan.target)
     place = place.masked_fill(place < 0, width_out)  # padding and dropped tokens: a spare slot
     weight = real.unsqueeze(-1).float()
     if sizes is not None:

@@ -42,20 +42,29 @@ class MergeConfig:
     padded_layout: str = "auto"  # one of PADDED_LAYOUTS; "auto" chooses (see padded_layout)
 
 
+def check_padded_layout(layout: str, algorithm: Algorithm, algo: str) -> None:
+    """Refuse a ``padded_layout`` that is unknown, or that needs ragged rows ``algorithm``
+    (registered as ``algo``) cannot plan."""
+    if layout not in PADDED_LAYOUTS:
+        raise ValueError(f"padded_layout must be one of {', '.join(map(repr, PADDED_LAYOUTS))}, "
+                         f"got {layout!r}")
+    if layout in ("packed", "padded") and not algorithm.ragged:
+        raise ValueError(f"padded_layout={layout!r} needs an algorithm that plans rows of "
+                         f"different lengths at once; {algo!r} does not (use 'auto' or "
+                         "'by_length')")
+
+
 def padded_layout(config: MergeConfig, packs: bool) -> str:
     """How a padded batch runs (see :class:`MergeState`): ``config.padded_layout``, or for
     ``"auto"`` packed where the layers pack and the algorithm plans ragged rows (padded
     while compiling or capturing), padded where the algorithm plans ragged rows, else by
     length."""
-    layout, ragged = config.padded_layout, config.algorithm.ragged
+    layout = config.padded_layout
+    check_padded_layout(layout, config.algorithm, config.algo)
     if layout == "auto":
-        if not ragged:
+        if not config.algorithm.ragged:
             return "by_length"
         return "packed" if packs and not synchronisation_free() else "padded"
-    if layout != "by_length" and not ragged:
-        raise ValueError(f"padded_layout={layout!r} needs an algorithm that plans rows of "
-                         f"different lengths at once; {config.algo!r} does not (use 'auto' "
-                         "or 'by_length')")
     if layout == "packed" and not packs:
         raise ValueError("padded_layout='packed' needs layers that run packed tokens (BERT, "
                          "RoBERTa, DistilBERT); use 'auto' or 'padded'")
@@ -126,12 +135,14 @@ class MergeState:
                 right_padded_lengths(self.padding, num_prefix)
                 self.rows = PaddedRun(tables, config.schedule, self.padding, num_prefix,
                                       num_blocks)
-            elif any(padded_counts(tables, config.schedule, tokens, num_prefix, num_blocks,
-                                   x.device)[2]):  # (also ready for a capture that follows)
-                lengths = right_padded_lengths(self.padding, num_prefix)
-                self.packed = PackedRun(self, lengths, tokens, x.device)
-                if not any(self.packed.merges(k) for k in range(num_blocks)):
-                    self.packed = None  # nothing merges: the model's own padded layout
+            else:  # packed; the padded layout's counts are then ready for a later capture
+                counts = padded_counts(tables, config.schedule, tokens, num_prefix, num_blocks,
+                                       x.device)
+                if any(counts.merging):
+                    lengths = right_padded_lengths(self.padding, num_prefix)
+                    self.packed = PackedRun(self, lengths, tokens, x.device, counts.by_length)
+                    if not any(self.packed.merges(k) for k in range(num_blocks)):
+                        self.packed = None  # nothing merges: the model's own padded layout
         if self.rows is not None:
             self.merges = self.rows.merges
             self.padding = self.rows.real(0)
