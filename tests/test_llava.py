@@ -215,9 +215,8 @@ def test_a_merged_static_cache_is_sized_to_the_merged_prompt(inputs):
     assert cache_length(model.generate(**inputs, **options)) == unmerged
 
 
-def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
+def _llava_benchmark():
     import importlib.util
-    import json
     import sys
     from pathlib import Path
 
@@ -226,6 +225,36 @@ def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
     benchmark = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = benchmark  # dataclasses look their module up
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_the_llava_benchmark_gives_each_variant_its_own_static_cache_back():
+    from pitome.adapters.llava import STATIC_CACHE_MEMORY
+
+    benchmark = _llava_benchmark()
+    model = benchmark.build_model(True, torch.device("cpu"), torch.float32)
+    inputs = benchmark.prompts(model, 1, 6, torch.device("cpu"), torch.float32)
+    merged, unmerged = (benchmark.Variant.parse(name) for name in ("pitome@0.9", "none"))
+    caches = benchmark.StaticCaches()
+
+    def generate_as(variant):
+        variant.apply(model, caches)
+        benchmark.generate_once(model, inputs, "static", 2, torch.device("cpu"))
+        return {name: model.__dict__[name] for name in STATIC_CACHE_MEMORY
+                if name in model.__dict__}
+
+    first = generate_as(merged)
+    assert first, "transformers kept nothing of the static cache on the model"
+    assert generate_as(unmerged) != first  # the unmerged prompt is longer
+    merged.apply(model, caches)
+    assert all(model.__dict__[name] is kept for name, kept in first.items())
+    assert [v.name for v in benchmark.rotated([merged, unmerged], 1)] == ["none", "pitome@0.9"]
+
+
+def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
+    import json
+
+    benchmark = _llava_benchmark()
     out = tmp_path / "bench.json"
     args = ["--tiny", "--variants", "none,pitome@0.9,visionzip@64t", "--batches", "1",
             "--warmup", "0", "--new-tokens", "3", "--json", str(out)]
