@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
 
 from ..kernels.bipartite import bipartite_plan, energy_bipartite_plan, set_tokens
-from ..kernels.energy import EnergyOptions, tokens_by_energy
+from ..kernels.energy import EnergyOptions, token_energy, tokens_by_energy
+from ..kernels.ragged import ragged_plan
 from ..kernels.partner import best_partner, pair_scores
 from ..kernels.sort import argsort_rows
 from ..core.energy import head_mean, unit_rows
@@ -159,3 +161,23 @@ def ragged_bipartite(metric: torch.Tensor, ctx: RaggedContext,
         slot = torch.empty_like(slot).scatter_(1, order, slot)
         target = torch.empty_like(target).scatter_(1, order, target)
     return with_prefix(ctx.num_prefix, slot, target)
+
+
+def ragged_energy_bipartite(metric: torch.Tensor, ctx: RaggedContext, energy: EnergyOptions,
+                            pool: float, split: Split = "alternate") -> RowPlan:
+    """:func:`ragged_bipartite` over each row's real tokens listed by energy, highest first
+    (PiToMe): the energy of a token is over its row's real tokens (weighted by
+    ``energy.weights``, ``B×n`` and 0 on padding, or 1 each when None), and the first
+    ``min(m, round(2·r·pool))`` of a row's ``m`` split into A and B. One launch plans every
+    row on a GPU (:func:`pitome.kernels.ragged.ragged_plan`)."""
+    plan = ragged_plan(metric, ctx, energy, pool, contiguous=split == "contiguous")
+    if plan is not None:
+        return plan
+    real = ctx.real[:, ctx.num_prefix:]
+    weights = real.float() if energy.weights is None else energy.weights
+    scores = token_energy(metric, energy.margin, energy.kind, energy.alpha, weights)
+    order = argsort_rows(scores.masked_fill(~real, float("-inf")), descending=True)
+    tokens = ctx.lengths - ctx.num_prefix
+    pooled = tokens if math.isinf(pool) else \
+        torch.minimum(tokens, torch.round(2 * ctx.r * pool).long())
+    return ragged_bipartite(metric, ctx, order, pooled, split)

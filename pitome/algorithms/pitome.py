@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ..core.energy import EnergyKind
-from .matching import bipartite_merge, energy_bipartite_merge, ragged_bipartite
+from .matching import bipartite_merge, energy_bipartite_merge, ragged_energy_bipartite
 from ..core.plan import MergePlan
 from ..core.ragged import RaggedContext, RowPlan
 from ..core.registry import Algorithm, MergeContext
@@ -73,17 +73,12 @@ class PiToMe(Algorithm):
                                padding=ctx.padding)
 
     def plan_rows(self, metric: torch.Tensor, ctx: RaggedContext) -> RowPlan:
-        mergeable = metric[:, ctx.num_prefix:]
-        real = ctx.real[:, ctx.num_prefix:]
-        weights = real.float()  # the mean over a row's real neighbours only
+        weights = None  # the mean over a row's real neighbours (sizes are 0 on padding)
         if self.size_weighted and ctx.sizes is not None:
-            weights = weights * ctx.sizes[:, ctx.num_prefix:, 0]
-        energy = token_energy(mergeable, ctx.margin, self.energy, self.alpha, weights)
-        order = argsort_rows(energy.masked_fill(~real, float("-inf")), descending=True)
-        tokens = ctx.lengths - ctx.num_prefix
-        pooled = tokens if math.isinf(self.pool) else \
-            torch.minimum(tokens, torch.round(2 * ctx.r * self.pool).long())
-        return ragged_bipartite(mergeable, ctx, order, pooled, self.split)
+            weights = ctx.sizes[:, ctx.num_prefix:, 0]
+        options = EnergyOptions(ctx.margin, self.energy, self.alpha, weights)
+        return ragged_energy_bipartite(metric[:, ctx.num_prefix:], ctx, options, self.pool,
+                                       self.split)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
                          r: int = 0) -> int:

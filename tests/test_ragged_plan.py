@@ -1,0 +1,110 @@
+"""The one-launch ragged plan kernel against its PyTorch twin (``ragged_bipartite``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pitome.algorithms.matching import ragged_bipartite, ragged_energy_bipartite  # noqa: E402
+from pitome.core.ragged import RaggedContext  # noqa: E402
+from pitome.kernels import kernel_backend  # noqa: E402
+from pitome.kernels.energy import EnergyOptions  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def padded_batch(lengths, num_prefix, dim, ratio=0.7, heads=0, seed=0, dtype=torch.float32):
+    """A right-padded metric (non-prefix tokens; per-head when ``heads``) and its context,
+    each row removing ``ratio``'s share of its mergeable tokens (at most half)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    shape = (len(lengths), width - num_prefix) + ((heads,) if heads else ()) + (dim,)
+    # Few directions, so tokens cluster and the energy has something to order.
+    centres = torch.randn(4, dim, generator=generator)
+    pick = torch.randint(0, 4, shape[:-1], generator=generator)
+    metric = centres[pick] + 0.3 * torch.randn(shape, generator=generator)
+    lengths_t = torch.tensor(lengths)
+    real = torch.arange(width) < lengths_t.unsqueeze(1)
+    mergeable = lengths_t - num_prefix
+    r = torch.minimum((mergeable * (1 - ratio)).long(), mergeable // 2)
+    sizes = torch.rand(len(lengths), width, 1, generator=generator) * 3 + 1
+    ctx = RaggedContext(lengths=lengths_t.to(DEVICE), r=r.to(DEVICE), num_prefix=num_prefix,
+                        block=0, num_blocks=4, margin=0.5, real=real.to(DEVICE),
+                        sizes=(sizes * real.unsqueeze(-1)).to(DEVICE))
+    return metric.to(DEVICE, dtype), ctx
+
+
+def assert_same_plan(fast, reference):
+    assert torch.equal(fast.slot.cpu(), reference.slot.cpu())
+    assert torch.equal(fast.target.cpu(), reference.target.cpu())
+    assert (fast.drop_src, fast.max_norm) == (reference.drop_src, reference.max_norm)
+
+
+CASES = [([9, 5, 12, 3], 1), ([40, 17, 33], 0), ([70, 66, 2, 69], 1), ([130, 7], 1)]
+
+
+@pytest.mark.parametrize("lengths,num_prefix", CASES)
+@pytest.mark.parametrize("start", [0, 1])
+@pytest.mark.parametrize("split", ["alternate", "contiguous"])
+def test_tome_rows_in_one_launch_match_pytorch(lengths, num_prefix, start, split):
+    metric, ctx = padded_batch(lengths, num_prefix, 16)
+    plans = []
+    for backend in ("triton", "torch"):
+        with kernel_backend(backend):
+            plans.append(ragged_bipartite(metric, ctx, split=split, start=start))
+    assert_same_plan(*plans)
+
+
+@pytest.mark.parametrize("lengths,num_prefix", CASES)
+@pytest.mark.parametrize("kind", ["elu", "gaussian"])
+@pytest.mark.parametrize("pool", [1.0, 0.75, math.inf])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pitome_rows_in_one_launch_match_pytorch(lengths, num_prefix, kind, pool, weighted):
+    metric, ctx = padded_batch(lengths, num_prefix, 16, seed=1)
+    weights = ctx.sizes[:, num_prefix:, 0] if weighted else None
+    options = EnergyOptions(ctx.margin, kind, 1.0, weights)
+    plans = []
+    for backend in ("triton", "torch"):
+        with kernel_backend(backend):
+            plans.append(ragged_energy_bipartite(metric, ctx, options, pool))
+    assert_same_plan(*plans)
+
+
+@pytest.mark.parametrize("split", ["alternate", "contiguous"])
+def test_pitome_rows_from_per_head_keys_match_pytorch(split):
+    metric, ctx = padded_batch([20, 11, 17], 1, 8, heads=3, seed=2)
+    options = EnergyOptions(ctx.margin, "elu", 1.0, None)
+    plans = []
+    for backend in ("triton", "torch"):
+        with kernel_backend(backend):
+            plans.append(ragged_energy_bipartite(metric, ctx, options, 1.0, split))
+    assert_same_plan(*plans)
+
+
+def test_a_row_that_removes_nothing_keeps_its_tokens_and_padding_has_no_place():
+    metric, ctx = padded_batch([12, 3, 12], 1, 8, seed=3)
+    ctx = RaggedContext(**{**ctx.__dict__, "r": torch.tensor([4, 0, 0], device=DEVICE)})
+    with kernel_backend("triton"):
+        plan = ragged_bipartite(metric, ctx)
+    slot, target = plan.slot.cpu(), plan.target.cpu()
+    assert torch.equal(slot[1, :3], torch.arange(3)) and (slot[1, 3:] == -1).all()
+    assert sorted(slot[2].tolist()) == list(range(12))  # nothing merged, every place once
+    assert (target[1:] == -1).all()
+    kept = slot[0][slot[0] >= 0]
+    assert sorted(kept.tolist()) == list(range(8)) and int((target[0] >= 0).sum()) == 4
+
+
+def test_the_kernel_plans_where_triton_runs_and_pytorch_elsewhere():
+    from pitome.kernels.ragged import ragged_plan
+
+    metric, ctx = padded_batch([9, 5], 1, 8)
+    with kernel_backend("triton"):
+        assert ragged_plan(metric, ctx) is not None
+    with kernel_backend("torch"):
+        assert ragged_plan(metric, ctx) is None
+    with kernel_backend("triton"), torch.enable_grad():
+        assert ragged_plan(metric.requires_grad_(), ctx) is None  # no backward pass
