@@ -10,7 +10,7 @@ import torch
 import pitome
 from pitome.algorithms import ToMe
 from pitome.algorithms.pitome import PiToMe
-from pitome.core.ragged import PackedLayout, RaggedContext
+from pitome.core.ragged import PackedLayout, RaggedContext, packed_layouts
 from pitome.core.registry import MergeContext
 from pitome.runtime.packed import PackedRun
 
@@ -209,6 +209,18 @@ def test_layout_packs_and_pads_back():
     assert not padded[~layout.real].any()
     bias = layout.key_bias(torch.float32)
     assert bias.shape == (3, 1, 1, 4) and (bias[~layout.real[:, None, None, :]] < -1e30).all()
+
+
+def test_layouts_built_together_are_the_layouts_built_one_by_one():
+    lengths, widths = [[5, 2, 7], [3, 1, 4], [2, 1, 2]], [7, 5, 2]
+    together = packed_layouts(lengths, widths, torch.tensor(lengths))
+    x = torch.randn(3, 7, 2)
+    for row, width, layout in zip(lengths, widths, together):
+        alone = PackedLayout(row, torch.device("cpu"), width=width)
+        for name in ("counts", "starts", "real", "flat"):
+            assert torch.equal(getattr(layout, name), getattr(alone, name)), name
+        assert (layout.width, layout.total, layout.lengths) == (width, sum(row), row)
+        assert torch.equal(layout.pack(x[:, :width]), alone.pack(x[:, :width]))
 
 
 @pytest.mark.parametrize("algorithm", [ToMe(), ToMe(prefix_parity=True), PiToMe(),

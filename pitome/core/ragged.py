@@ -82,21 +82,22 @@ class PackedLayout:
 
     def __init__(self, lengths: list[int], device: torch.device, width: int | None = None,
                  counts: torch.Tensor | None = None) -> None:
-        self.lengths = list(lengths)
-        self.batch = len(self.lengths)
-        self.width = max(self.lengths) if width is None else width
-        self.total = sum(self.lengths)
-        self.device = device
+        width = max(lengths) if width is None else width
         if counts is None:  # ``lengths`` on the device, when the caller has them there
-            counts = torch.tensor(self.lengths, device=device)
-        self.counts = counts
-        self.starts = torch.cumsum(counts, 0) - counts
-        positions = torch.arange(self.width, device=device)
-        self.real = positions < counts.unsqueeze(1)
-        rows = torch.repeat_interleave(torch.arange(self.batch, device=device), counts,
-                                       output_size=self.total)
-        within = torch.arange(self.total, device=device) - self.starts[rows]
-        self.flat = rows * self.width + within  # packed token → padded row of B·W
+            counts = torch.tensor(lengths, device=device)
+        layout = packed_layouts([list(lengths)], [width], counts.unsqueeze(0))[0]
+        self.__dict__.update(layout.__dict__)
+
+    @classmethod
+    def of_parts(cls, lengths: list[int], width: int, counts: torch.Tensor,
+                 starts: torch.Tensor, real: torch.Tensor, flat: torch.Tensor) -> PackedLayout:
+        """A layout from its tensors: ``counts`` and ``starts`` (``B``), ``real``
+        (``B×W``) and ``flat`` (``N``: each packed token's place in the padded ``B·W``)."""
+        layout = cls.__new__(cls)
+        layout.lengths, layout.batch, layout.width = list(lengths), len(lengths), width
+        layout.total, layout.device = sum(lengths), counts.device
+        layout.counts, layout.starts, layout.real, layout.flat = counts, starts, real, flat
+        return layout
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``B×W×C`` padded → ``1×N×C`` packed (the real tokens, row after row)."""
@@ -134,3 +135,30 @@ class PackedLayout:
         dst = in_place.new_zeros(removed + 1).scatter_(0, order, joins)
         return MergePlan(keep=keep[None, :out.total], src=src[None, :removed],
                          dst=dst[None, :removed], drop_src=plan.drop_src, max_norm=plan.max_norm)
+
+
+def packed_layouts(lengths: list[list[int]], widths: list[int],
+                   counts: torch.Tensor) -> list[PackedLayout]:
+    """The layouts of ``lengths[k]`` padded to ``widths[k]``, for every ``k``, from one set of
+    batched operations (``counts`` is ``lengths`` on the device, ``K×B``): a forward builds
+    the layout after every merging block at once rather than some ten launches each."""
+    device = counts.device
+    steps, batch = counts.shape
+    totals = [sum(row) for row in lengths]
+    flat_counts = counts.flatten()
+    ends = torch.cumsum(counts, 1)
+    starts = ends - counts
+    real = torch.arange(max(widths), device=device) < counts.unsqueeze(-1)
+    segment = torch.repeat_interleave(torch.arange(steps * batch, device=device), flat_counts,
+                                      output_size=sum(totals))
+    segment_starts = torch.cumsum(flat_counts, 0) - flat_counts
+    within = torch.arange(sum(totals), device=device) - segment_starts[segment]
+    row_width = torch.tensor(widths, device=device).repeat_interleave(batch)[segment] \
+        if len(set(widths)) > 1 else widths[0]
+    flat = (segment % batch) * row_width + within  # packed token → padded row of B·W
+    layouts, offset = [], 0
+    for k, (row, width, total) in enumerate(zip(lengths, widths, totals)):
+        layouts.append(PackedLayout.of_parts(row, width, counts[k], starts[k],
+                                             real[k, :, :width], flat[offset:offset + total]))
+        offset += total
+    return layouts

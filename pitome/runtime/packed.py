@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.ragged import PackedLayout, RaggedContext
+from ..core.ragged import PackedLayout, RaggedContext, packed_layouts
 from ..core.schedule import resolve_margin, token_counts
 from ..kernels.merge import merge_tokens
 
@@ -48,7 +48,11 @@ class PackedRun:
         widths = token_counts(width, state.merges)
         self.widths = [max(widths[k], *self.counts[k]) for k in range(state.num_blocks + 1)]
         self.counts_on_device = torch.tensor(self.counts, device=device)  # one copy per forward
-        self.layout = self.layout_entering(0)
+        entering = [0] + [k + 1 for k in range(state.num_blocks) if self.merges(k)]
+        built = packed_layouts([self.counts[k] for k in entering],
+                               [self.widths[k] for k in entering], self.counts_on_device[entering])
+        self.layouts = dict(zip(entering, built))
+        self.layout = self.layouts[0]
         self._key_bias: tuple[PackedLayout, torch.dtype, torch.Tensor] | None = None
         self.sizes: torch.Tensor | None = None
         self.source: torch.Tensor | None = None
@@ -57,8 +61,8 @@ class PackedRun:
                 torch.eye(width, device=device).expand(len(lengths), width, width))
 
     def layout_entering(self, block: int) -> PackedLayout:
-        return PackedLayout(self.counts[block], self.counts_on_device.device, self.widths[block],
-                            self.counts_on_device[block])
+        """The layout of the tokens entering ``block`` (built for every merge at once)."""
+        return self.layouts[block]
 
     def merges(self, block: int) -> bool:
         """Whether any sentence merges in ``block``."""
