@@ -126,8 +126,13 @@ def ragged_bipartite(metric: torch.Tensor, ctx: RaggedContext,
     ``order`` (``B×n``, padding last; None: token order); the first ``pooled[b]`` (default
     all real ones) split into A and B by ``split``, the other real ones are protected. Output
     places follow :func:`pitome.core.plan.assemble`: protected, unmerged A (strongest edge
-    first), then B.
+    first), then B. In token order one launch plans every row on a GPU
+    (:func:`pitome.kernels.ragged.ragged_plan`).
     """
+    if order is None and pooled is None:
+        plan = ragged_plan(metric, ctx, start=start, contiguous=split == "contiguous")
+        if plan is not None:
+            return plan
     batch, tokens = metric.shape[:2]
     device = metric.device
     mergeable = (ctx.lengths - ctx.num_prefix).unsqueeze(1)
