@@ -15,8 +15,9 @@ transformers' compiled decoding step, CUDA graphs; each variant and batch compil
 the warm-up round). Variants take turns in every round (one process, interleaved, each
 round starting with the next variant); each keeps its own static cache between its turns,
 as a user generating again would, so compiled decoding replays its CUDA graphs rather than
-re-recording them for a new cache. The table reports medians over the measured rounds. Rounds stop early at ``--time-limit`` so
-the run fits one GPU call; the JSON is rewritten after every measured generate.
+re-recording them for a new cache. The table reports medians over the measured rounds.
+Rounds stop early at ``--time-limit`` so the run fits one GPU call; the JSON is rewritten
+after every measured generate.
 
 Measured per row: time to first token (the prefill, until the first logits are ready), decode
 tokens/s (the other 31 tokens of every prompt), end-to-end generate time, the KV cache

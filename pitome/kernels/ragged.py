@@ -34,8 +34,8 @@ def ragged_plan(mergeable: torch.Tensor, ctx: RaggedContext, energy: EnergyOptio
     energy over its real neighbours (``energy.weights``, ``B×n``, weigh them: sizes, 0 on
     padding) and the first ``min(m, round(2·r·pool))`` split into A and B; without (ToMe)
     its tokens in order do. The split alternates from place ``start``, or (``contiguous``)
-    takes the first half and the second. Returns None where the
-    kernel does not run; the caller then plans with PyTorch.
+    takes the first half and the second. Returns None where the kernel does not run; the
+    caller then plans with PyTorch.
     """
     batch, tokens, dim = mergeable.shape[0], mergeable.shape[1], mergeable.shape[-1]
     if (tokens == 0 or tokens > MAX_LENGTH or dim > MAX_METRIC_DIM or not use_triton(mergeable)
@@ -54,14 +54,15 @@ def ragged_plan(mergeable: torch.Tensor, ctx: RaggedContext, energy: EnergyOptio
     scores = torch.empty(batch, max_a, dtype=torch.float32, device=device)
     partners = torch.empty(batch, max_a, dtype=torch.long, device=device)
     by_energy = energy is not None
-    weights = energy.weights if by_energy else None
-    weights = None if weights is None else weights.float().contiguous()
-    energies = torch.empty(batch, tokens, dtype=torch.float32, device=device) \
-        if by_energy else scores
-    order = torch.empty(batch, tokens, dtype=torch.long, device=device) \
-        if by_energy else partners
-    margin, alpha, sigma = energy_scalars(energy.margin, energy.alpha) if by_energy else \
-        (0.0, 1.0, 1.0)
+    weights = None
+    if by_energy:
+        energies = torch.empty(batch, tokens, dtype=torch.float32, device=device)
+        order = torch.empty(batch, tokens, dtype=torch.long, device=device)
+        margin, alpha, sigma = energy_scalars(energy.margin, energy.alpha)
+        if energy.weights is not None:
+            weights = energy.weights.float().contiguous()
+    else:  # token order: the energy arguments are never read
+        energies, order, (margin, alpha, sigma) = scores, partners, (0.0, 1.0, 1.0)
     block_t = row_block(tokens)
     ragged_plan_kernel[(batch,)](
         metric, energies if weights is None else weights, ctx.lengths.contiguous(),
@@ -70,7 +71,7 @@ def ragged_plan(mergeable: torch.Tensor, ctx: RaggedContext, energy: EnergyOptio
         float(pool) if math.isfinite(pool) else 0.0, margin, alpha, sigma,
         KIND=ENERGY_KINDS.index(energy.kind) if by_energy else 0,
         HAS_WEIGHTS=weights is not None, HEADS=heads, BY_ENERGY=by_energy,
-        POOL_ALL=not math.isfinite(pool), CONTIGUOUS=contiguous, BLOCK_T=block_t, BLOCK_A=row_block(max_a),
-        BLOCK_I=BLOCK_ROWS, BLOCK_D=metric_block(dim), CHUNK=CHUNK, PRECISION=dot_precision(),
+        POOL_ALL=not math.isfinite(pool), CONTIGUOUS=contiguous, BLOCK_T=block_t,
+        BLOCK_A=row_block(max_a), BLOCK_I=BLOCK_ROWS, BLOCK_D=metric_block(dim), CHUNK=CHUNK, PRECISION=dot_precision(),
         num_warps=row_warps(block_t))
     return RowPlan(slot=slot, target=target)

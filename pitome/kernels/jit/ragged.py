@@ -28,9 +28,10 @@ def ragged_plan_kernel(metric_ptr, weights_ptr, lengths_ptr, merges_ptr, energy_
     (PiToMe) the real tokens are listed by energy over their real neighbours, highest first,
     and the first ``min(m, round(2·merges·pool))`` of them (all ``m`` with ``POOL_ALL``)
     split into A and B, alternately from place ``start`` or (``CONTIGUOUS``) as the first
-    half and the second; otherwise (ToMe) the tokens in order split so. Every A token's best B edge, the strongest ``merges`` merge. ``slot`` and
-    ``target`` rows are ``width`` long (prefix included); scratch rows are ``tokens``
-    (energy, order) and ``max_a`` (edges) long."""
+    half and the second; otherwise (ToMe) the tokens in order split so. Every A token takes
+    its best B edge; the strongest ``merges`` edges merge. ``slot`` and ``target`` rows are
+    ``width`` long (prefix included); scratch rows are ``tokens`` (energy, order) and
+    ``max_a`` (edges) long."""
     margin = tl.cast(margin, tl.float32)
     alpha, sigma = tl.cast(alpha, tl.float32), tl.cast(sigma, tl.float32)
     item = tl.program_id(0).to(tl.int64)
