@@ -10,7 +10,7 @@ KL(unmerged ‖ merged) of the class probabilities, or ``1 − cos`` of the pool
 an encoder without a head.
 
 Both spaces are searched as whole steps per block: tokens merged (vision), or steps of
-``grid`` below a keep ratio of 1 (text: 2 steps of 0.01 are ρ = 0.98).
+``grid`` below a keep ratio of 1 (text: 4 steps of the default 0.005 are ρ = 0.98).
 
 The search is forward-only. It starts from the best of four simple shapes that fill the
 budget (uniform ratio, constant ``r``, early-heavy, late-heavy), then exchanges merges
@@ -52,7 +52,7 @@ TEXT_SHAPES = ("uniform", "first-3", "early-heavy", "late-heavy")
 SHAPE_INFLECTION = {"constant": 0.0, "uniform": 0.0, "first-3": 0.0, "early-heavy": -0.5,
                     "late-heavy": 0.5}
 FORMAT = "pitome.calibration/1"
-DEFAULT_GRID = 0.01
+DEFAULT_GRID = 0.005
 
 
 @dataclass
@@ -627,7 +627,7 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
         dtype: autocast precision of the forwards (None: the model's own).
         progress: show a progress bar (tqdm) on stderr.
         name: what to call the model in the result (default: its class name).
-        grid: the step of a text model's keep ratios (default 0.01): each block keeps
+        grid: the step of a text model's keep ratios (default 0.005): each block keeps
             ``1 − k·grid`` of its tokens, ``k`` from 0 (no merge) to ρ = 0.5.
         **options: keyword options for ``pitome.patch`` (``margin``, ``prop_attn``, ...),
             used in every evaluation and kept in the result.

@@ -44,7 +44,7 @@ def add_calibrate_parser(commands: argparse._SubParsersAction,
     command.add_argument("--max-length", type=at_least(2), default=128,
                          help="with --text: tokens per sentence, longer ones are truncated")
     command.add_argument("--grid", type=float, default=None,
-                         help="with --text: the step of the keep ratios searched (0.01)")
+                         help="with --text: the step of the keep ratios searched (0.005)")
     add_weights(command, random_by_default=False)
     command.add_argument("--algo", "--algos", dest="algo", default="pitome",
                          help="the algorithm to calibrate for (`pitome algorithms`)")

