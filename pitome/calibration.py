@@ -114,7 +114,10 @@ class Calibration:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to "
                                   "replace it")
-        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n")
+        fields = asdict(self)
+        if fields["ratio"] is None:  # a vision file stays what readers before ratio read
+            del fields["ratio"]
+        path.write_text(json.dumps({"format": FORMAT, **fields}, indent=2) + "\n")
         return path
 
     @classmethod

@@ -214,6 +214,7 @@ def test_a_calibration_file_from_before_ratios_still_loads(tmp_path):
     path.write_text(json.dumps(old))
     loaded = Calibration.load(path)
     assert loaded.r == [3, 2, 1, 0] and loaded.ratio is None
+    assert "ratio" not in json.loads(loaded.save(tmp_path / "again.json").read_text())
     path.write_text(json.dumps({**old, "ratio": [0.9, 1.0, 1.0, 1.0]}))
     with pytest.raises(ValueError, match="both r and ratio"):
         Calibration.load(path)
