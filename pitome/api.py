@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapters import find_adapter
 from .core.registry import Algorithm, Method, get_method
-from .core.schedule import MarginSpec, RatioSpec, RSpec, TokenSchedule, check_margin
+from .core.schedule import MarginSpec, RatioSpec, RSpec, TokenSchedule, check_margin, scalar
 from .runtime import patcher
 from .runtime.state import MergeConfig, MergeInfo, check_padded_layout
 
@@ -126,8 +126,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: RatioSpec | No
 
 def _per_block_ratio(ratio: Any) -> bool:
     """Whether ``ratio`` is a per-block sequence rather than one number (or None)."""
-    return ratio is not None and getattr(ratio, "ndim", 1) != 0 and \
-        not isinstance(ratio, (int, float, str, bytes))
+    return ratio is not None and scalar(ratio) is None and not isinstance(ratio, (str, bytes))
 
 
 def _method(algorithm: Algorithm) -> Method:

@@ -223,8 +223,8 @@ class TokenSchedule:
     """The number of tokens to merge in each block, given the token count entering it.
 
     Exactly one of ``ratio`` (fraction kept per block: one for every merging block, or a
-    per-block sequence, 1 where a block does not merge; blocks past its end keep all), ``r`` (ToMe's fixed count: int,
-    per-block list, or ``(r, inflection)``) and ``tokens`` (mergeable tokens left after the
+    per-block sequence, 1 where a block does not merge; blocks past its end keep all),
+    ``r`` (ToMe's fixed count: int, per-block list, or ``(r, inflection)``) and ``tokens`` (mergeable tokens left after the
     last merging block, prefix tokens not counted; reached by :func:`merges_for_tokens`) is
     set. ``merge_blocks`` optionally restricts merging to a set of block indices (the text
     models' first-three-blocks schedule). ``count_prefix`` reproduces the convention in
