@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapters import find_adapter
 from .core.registry import Algorithm, Method, get_method
-from .core.schedule import MarginSpec, RSpec, TokenSchedule, check_margin
+from .core.schedule import MarginSpec, RatioSpec, RSpec, TokenSchedule, check_margin, scalar
 from .runtime import patcher
 from .runtime.state import MergeConfig, MergeInfo, check_padded_layout
 
@@ -18,7 +18,7 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 DEFAULT_RATIO = 0.9
 
 
-def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None = None, *,
+def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: RatioSpec | None = None, *,
           r: RSpec | None = None, prop_attn: bool | None = None, margin: MarginSpec | None = None,
           metric: Literal["keys", "hidden"] = "keys", trace_source: bool = False,
           merge_blocks: Sequence[int] | None = None, count_prefix: bool | None = None,
@@ -33,7 +33,10 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
             :class:`~pitome.core.registry.Algorithm` instance. On text models ``"pitome"``
             means the text variant, ``"pitome_text"``.
         ratio: fraction of mergeable tokens each block keeps, in [0.5, 1]; 1 merges nothing.
-            Defaults to 0.9 unless ``r`` or ``tokens`` is given.
+            Defaults to 0.9 unless ``r`` or ``tokens`` is given. A per-block list (one keep
+            ratio per block, 1 where a block does not merge, blocks past its end keep all)
+            is a whole schedule: the model's default ``merge_blocks`` (text: the first three)
+            does not apply to it, an explicit ``merge_blocks`` still does.
         r: ToMe's alternative: tokens merged per block as an int, a per-block list, or a
             2-tuple ``(r, inflection)`` (inflection in [-1, 1]; a 2-tuple is never read as
             a per-block schedule). Numpy and 0-d tensor scalars are accepted throughout.
@@ -86,7 +89,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
     if ratio is None and r is None and tokens is None:
         ratio = DEFAULT_RATIO
     if merge_blocks is None:
-        merge_blocks = adapter.merge_blocks_for(model)
+        merge_blocks = adapter.merge_blocks_for(model, per_block=_per_block_ratio(ratio))
     if isinstance(algo, Algorithm) and options:
         raise TypeError(f"options {sorted(options)} are for registered algorithms; an "
                         "Algorithm instance is passed as it is")
@@ -119,6 +122,11 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: float | None =
             patcher.apply(module, find_adapter(module).patch(module, kept))
         raise
     return model
+
+
+def _per_block_ratio(ratio: Any) -> bool:
+    """Whether ``ratio`` is a per-block sequence rather than one number (or None)."""
+    return ratio is not None and scalar(ratio) is None and not isinstance(ratio, (str, bytes))
 
 
 def _method(algorithm: Algorithm) -> Method:

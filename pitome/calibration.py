@@ -1,11 +1,16 @@
 """Label-free calibrated merge schedules (docs/calibration.md).
 
 A uniform keep ratio spends a FLOPs budget the same way in every block, though blocks are
-not equally hurt by merging. :func:`calibrate` finds per-block merge counts for a budget
-(a fraction of the unmerged model's MACs, counted by :mod:`pitome.analysis.flops`) that
-keep the merged model's outputs closest to the unmerged model's on unlabeled inputs:
+not equally hurt by merging. :func:`calibrate` finds per-block merge counts (vision) or
+per-block keep ratios (BERT-family text encoders, whose sentences each have their own
+length) for a budget (a fraction of the unmerged model's MACs, counted by
+:mod:`pitome.analysis.flops`; for text, over the calibration sentences' lengths) that keep
+the merged model's outputs closest to the unmerged model's on unlabeled inputs:
 KL(unmerged ‖ merged) of the class probabilities, or ``1 − cos`` of the pooled output of
 an encoder without a head.
+
+Both spaces are searched as whole steps per block: tokens merged (vision), or steps of
+``grid`` below a keep ratio of 1 (text: 4 steps of the default 0.005 are ρ = 0.98).
 
 The search is forward-only. It starts from the best of four simple shapes that fill the
 budget (uniform ratio, constant ``r``, early-heavy, late-heavy), then exchanges merges
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,32 +40,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._optional import require
-from .analysis.flops import schedule_macs, token_layout
+from .adapters import find_adapter
+from .analysis.flops import TextShape, length_macs, schedule_macs, token_layout
 from .api import merge_config, merge_info, patch, pooling_weights, unpatch
-from .core.schedule import TokenSchedule, linear_r, scalar
+from .core.schedule import MIN_RATIO, TokenSchedule, linear_r, scalar
 
 Batch = Union[torch.Tensor, Mapping[str, Any]]
 OBJECTIVES = ("auto", "kl", "cosine")
 SHAPES = ("uniform", "constant", "early-heavy", "late-heavy")
-SHAPE_INFLECTION = {"constant": 0.0, "early-heavy": -0.5, "late-heavy": 0.5}
+TEXT_SHAPES = ("uniform", "first-3", "early-heavy", "late-heavy")
+SHAPE_INFLECTION = {"constant": 0.0, "uniform": 0.0, "first-3": 0.0, "early-heavy": -0.5,
+                    "late-heavy": 0.5}
 FORMAT = "pitome.calibration/1"
+DEFAULT_GRID = 0.005
 
 
 @dataclass
 class Calibration:
-    """A calibrated schedule: apply it with ``pitome.patch(model, c.algo, r=c.r)`` or
-    ``c.apply(model)``.
+    """A calibrated schedule: apply it with ``c.apply(model)``, or
+    ``pitome.patch(model, c.algo, r=c.r)`` (vision) /
+    ``pitome.patch(model, c.algo, ratio=c.ratio)`` (text).
 
     Attributes:
-        r: tokens merged in each block.
+        r: tokens merged in each block (vision; None for text).
         algo: the algorithm it was calibrated for.
-        flops: the MACs of the schedule as a fraction of the unmerged model's.
+        flops: the MACs of the schedule as a fraction of the unmerged model's (text: the
+            mean over the calibration sentences' lengths).
         budget: the fraction asked for (``flops <= budget``).
         objective: ``"kl"`` or ``"cosine"``.
         loss: the objective on the search inputs.
         holdout_loss: the objective on the held-out inputs (None without any).
         start: the simple shape the search started from.
-        shapes: every simple shape at the budget: ``r``, ``flops``, ``loss``, ``holdout_loss``.
+        shapes: every simple shape at the budget: ``r`` (or ``ratio``), ``flops``,
+            ``loss``, ``holdout_loss``.
         history: the schedules the search accepted, in order, with their losses and the
             evaluations spent when each was found.
         evaluations: forward passes over the search inputs (or the held-out ones) spent.
@@ -67,9 +80,12 @@ class Calibration:
         model: a name of the model calibrated.
         examples: inputs searched on and held out, ``{"search": n, "holdout": m}``.
         options: the keyword options given to ``pitome.patch`` (``margin``, ...).
+        ratio: the keep ratio of each block (text; None for vision), 1 where a block does
+            not merge; a per-block list, so the model's default ``merge_blocks`` does not
+            apply to it.
     """
 
-    r: list[int]
+    r: list[int] | None
     algo: str
     flops: float
     budget: float
@@ -84,10 +100,13 @@ class Calibration:
     model: str = ""
     examples: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    ratio: list[float] | None = None
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Patch ``model`` with this schedule (its algorithm and options); returns it."""
-        return patch(model, self.algo, r=list(self.r), **self.options)
+        if self.ratio is not None:
+            return patch(model, self.algo, ratio=list(self.ratio), **self.options)
+        return patch(model, self.algo, r=list(self.r or []), **self.options)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the calibration as JSON; an existing file is kept unless ``overwrite``."""
@@ -95,7 +114,10 @@ class Calibration:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to "
                                   "replace it")
-        path.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=2) + "\n")
+        fields = asdict(self)
+        if fields["ratio"] is None:  # a vision file stays what readers before ratio read
+            del fields["ratio"]
+        path.write_text(json.dumps({"format": FORMAT, **fields}, indent=2) + "\n")
         return path
 
     @classmethod
@@ -113,115 +135,90 @@ class Calibration:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path} has unknown field(s) {', '.join(unknown)}")
-        r = data.get("r")
-        if not isinstance(r, list) or not all(isinstance(v, int) and v >= 0 for v in r):
-            raise ValueError(f"{path}: r must be a list of non-negative ints, got {r!r}")
+        _check_schedule_fields(path, data.get("r"), data.get("ratio"))
         try:
             return cls(**data)
         except TypeError as error:
             raise ValueError(f"{path}: {error}") from None
 
 
-# ----------------------------------------------------------------------------- the budget
-@dataclass(frozen=True)
-class ScheduleSpace:
-    """The per-block merge counts a model can take and what each costs (MACs per input)."""
+def _check_schedule_fields(path: Path, r: Any, ratio: Any) -> None:
+    """Raise ValueError unless exactly one of ``r`` (non-negative ints) and ``ratio`` (keep
+    ratios in [0.5, 1]) holds a per-block list (files from before ``ratio`` hold ``r``)."""
+    if ratio is None:
+        if not isinstance(r, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                              and v >= 0 for v in r):
+            raise ValueError(f"{path}: r must be a list of non-negative ints, got {r!r}")
+        return
+    if r is not None:
+        raise ValueError(f"{path}: holds both r and ratio; a calibration has one of them")
+    if not isinstance(ratio, list) or not ratio or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and MIN_RATIO <= v <= 1
+            for v in ratio):
+        raise ValueError(f"{path}: ratio must be a list of keep ratios in [{MIN_RATIO}, 1], "
+                         f"got {ratio!r}")
 
-    tokens: int
-    prefix: int
+
+# ----------------------------------------------------------------------------- the budget
+class StepSpace:
+    """What the search needs of a schedule space whose schedules are whole steps per block
+    (a list, one per block): their cost in MACs, and moves that keep them within a budget.
+    Subclasses give ``blocks``, ``mergeable_blocks``, :meth:`cost`, :meth:`clamp`,
+    :meth:`most_merged`, :meth:`shape`, :meth:`describe` and :meth:`patch_arguments`."""
+
     blocks: int
     mergeable_blocks: tuple[int, ...]
-    count_prefix: bool
-    cost: Callable[[Sequence[int]], int]
+    shape_names: tuple[str, ...] = SHAPES
 
-    @classmethod
-    def of(cls, model: nn.Module, algo: str, options: Mapping[str, Any]) -> ScheduleSpace:
-        """The space of ``model`` merged by ``algo`` (read from an identity patch)."""
-        try:
-            tokens, prefix = token_layout(model)
-        except TypeError:
-            raise TypeError(f"calibrate counts FLOPs with pitome.analysis.flops, which reads "
-                            f"timm VisionTransformers and Hugging Face ViT/DeiT; a "
-                            f"{type(model).__name__} is neither") from None
-        patch(model, algo, r=0, **options)
-        try:
-            config = merge_config(model)
-        finally:
-            unpatch(model)
-        assert config is not None
-        algorithm = config.algorithm
-        blocks = _depth(model)
-        allowed = config.schedule.merge_blocks
-        return cls(tokens, prefix, blocks,
-                   tuple(range(blocks)) if allowed is None else tuple(allowed),
-                   config.schedule.count_prefix,
-                   lambda r: schedule_macs(model, list(r), algorithm))
+    def cost(self, steps: Sequence[int]) -> int:
+        raise NotImplementedError
+
+    def clamp(self, steps: Sequence[int]) -> list[int]:
+        raise NotImplementedError
+
+    def most_merged(self) -> list[int]:
+        raise NotImplementedError
+
+    def shape(self, name: str, budget: int) -> list[int] | None:
+        raise NotImplementedError
+
+    def describe(self, steps: Sequence[int]) -> dict[str, list]:
+        """The schedule as it is recorded: ``{"r": [...]}`` or ``{"ratio": [...]}``."""
+        raise NotImplementedError
+
+    def patch_arguments(self, steps: Sequence[int]) -> dict[str, list]:
+        """The schedule as ``pitome.patch`` takes it."""
+        return self.describe(steps)
 
     @property
     def unmerged(self) -> int:
         return self.cost([0] * self.blocks)
 
-    def fits(self, r: Sequence[int]) -> bool:
-        """Whether every block can merge its count (at most half its mergeable tokens)."""
-        tokens = self.tokens
-        for block, count in enumerate(r):
-            if count < 0 or count and block not in self.mergeable_blocks or \
-                    2 * count > tokens - self.prefix:
-                return False
-            tokens -= count
-        return True
+    def fraction(self, steps: Sequence[int]) -> float:
+        return self.cost(steps) / self.unmerged
 
-    def clamp(self, r: Sequence[int]) -> list[int]:
-        """``r`` with each block's count cut to what it can merge."""
-        out, tokens = [], self.tokens
-        for block, count in enumerate(r):
-            count = 0 if block not in self.mergeable_blocks else \
-                max(0, min(int(count), (tokens - self.prefix) // 2))
-            out.append(count)
-            tokens -= count
-        return out
+    def _line(self, count: int, inflection: float,
+              blocks: Sequence[int] | None = None) -> list[int]:
+        blocks = self.mergeable_blocks if blocks is None else blocks
+        line = linear_r(count, len(blocks), inflection)
+        steps = [0] * self.blocks
+        for block, value in zip(blocks, line):
+            steps[block] = value
+        return steps
 
-    def most_merged(self) -> list[int]:
-        return self.clamp([self.tokens] * self.blocks)
-
-    def fraction(self, r: Sequence[int]) -> float:
-        return self.cost(r) / self.unmerged
-
-    def uniform(self, ratio: float) -> list[int]:
-        """The schedule of a uniform keep ratio (what ``pitome.patch(ratio=...)`` merges)."""
-        schedule = TokenSchedule(ratio=ratio, merge_blocks=self.mergeable_blocks,
-                                 count_prefix=self.count_prefix)
-        return schedule.plan(self.tokens, self.prefix, self.blocks)
-
-    def shape(self, name: str, budget: int) -> list[int] | None:
-        """The simple shape ``name`` that merges the least while within ``budget`` MACs
-        (None if even its most merged form costs more)."""
-        if name == "uniform":
-            if self.cost(self.uniform(1.0)) <= budget:
-                return self.uniform(1.0)
-            if self.cost(self.uniform(0.5)) > budget:
+    def _line_shape(self, inflection: float, budget: int, limit: int,
+                    blocks: Sequence[int] | None = None) -> list[int] | None:
+        """The line of ``inflection`` over ``blocks`` that merges the least while within
+        ``budget`` MACs (None if even its most merged form costs more)."""
+        most = [count if blocks is None or block in blocks else 0
+                for block, count in enumerate(self.most_merged())]
+        for count in range(limit + 2):
+            steps = self.clamp(self._line(count, inflection, blocks))
+            if self.cost(steps) <= budget:
+                return steps
+            if steps == most:
                 return None
-            low, high = 0.5, 1.0  # cost(low) <= budget < cost(high)
-            for _ in range(40):
-                middle = (low + high) / 2
-                low, high = (middle, high) if self.cost(self.uniform(middle)) <= budget else \
-                    (low, middle)
-            return self.uniform(low)
-        most, count = self.most_merged(), 0
-        while True:
-            r = self.clamp(self._line(count, SHAPE_INFLECTION[name]))
-            if self.cost(r) <= budget:
-                return r
-            if r == most or count > self.tokens:
-                return None
-            count += 1
-
-    def _line(self, count: int, inflection: float) -> list[int]:
-        line = linear_r(count, len(self.mergeable_blocks), inflection)
-        r = [0] * self.blocks
-        for block, value in zip(self.mergeable_blocks, line):
-            r[block] = value
-        return r
+        return None
 
     def meet(self, r: Sequence[int], budget: int, order: Sequence[int]) -> list[int] | None:
         """``r`` with merges added, block by block in ``order``, until it costs at most
@@ -251,18 +248,262 @@ class ScheduleSpace:
         return r
 
 
+@dataclass(frozen=True)
+class ScheduleSpace(StepSpace):
+    """The per-block merge counts a vision model can take and what each costs (MACs per
+    input)."""
+
+    tokens: int
+    prefix: int
+    blocks: int
+    mergeable_blocks: tuple[int, ...]
+    count_prefix: bool
+    cost: Callable[[Sequence[int]], int]
+
+    @classmethod
+    def of(cls, model: nn.Module, algo: str, options: Mapping[str, Any]) -> ScheduleSpace:
+        """The space of ``model`` merged by ``algo`` (read from an identity patch)."""
+        try:
+            tokens, prefix = token_layout(model)
+        except TypeError:
+            raise TypeError(f"calibrate counts FLOPs with pitome.analysis.flops, which reads "
+                            f"timm VisionTransformers, Hugging Face ViT/DeiT and BERT-family "
+                            f"text encoders; a {type(model).__name__} is none of these") \
+                from None
+        patch(model, algo, r=0, **options)
+        try:
+            config = merge_config(model)
+        finally:
+            unpatch(model)
+        assert config is not None
+        algorithm = config.algorithm
+        blocks = _depth(model)
+        allowed = config.schedule.merge_blocks
+        return cls(tokens, prefix, blocks,
+                   tuple(range(blocks)) if allowed is None else tuple(allowed),
+                   config.schedule.count_prefix,
+                   lambda r: schedule_macs(model, list(r), algorithm))
+
+    def describe(self, steps: Sequence[int]) -> dict[str, list]:
+        return {"r": list(steps)}
+
+    def fits(self, r: Sequence[int]) -> bool:
+        """Whether every block can merge its count (at most half its mergeable tokens)."""
+        tokens = self.tokens
+        for block, count in enumerate(r):
+            if count < 0 or count and block not in self.mergeable_blocks or \
+                    2 * count > tokens - self.prefix:
+                return False
+            tokens -= count
+        return True
+
+    def clamp(self, r: Sequence[int]) -> list[int]:
+        """``r`` with each block's count cut to what it can merge."""
+        out, tokens = [], self.tokens
+        for block, count in enumerate(r):
+            count = 0 if block not in self.mergeable_blocks else \
+                max(0, min(int(count), (tokens - self.prefix) // 2))
+            out.append(count)
+            tokens -= count
+        return out
+
+    def most_merged(self) -> list[int]:
+        return self.clamp([self.tokens] * self.blocks)
+
+    def uniform(self, ratio: float) -> list[int]:
+        """The schedule of a uniform keep ratio (what ``pitome.patch(ratio=...)`` merges)."""
+        schedule = TokenSchedule(ratio=ratio, merge_blocks=self.mergeable_blocks,
+                                 count_prefix=self.count_prefix)
+        return schedule.plan(self.tokens, self.prefix, self.blocks)
+
+    def shape(self, name: str, budget: int) -> list[int] | None:
+        """The simple shape ``name`` that merges the least while within ``budget`` MACs
+        (None if even its most merged form costs more)."""
+        if name == "uniform":
+            if self.cost(self.uniform(1.0)) <= budget:
+                return self.uniform(1.0)
+            if self.cost(self.uniform(0.5)) > budget:
+                return None
+            low, high = 0.5, 1.0  # cost(low) <= budget < cost(high)
+            for _ in range(40):
+                middle = (low + high) / 2
+                low, high = (middle, high) if self.cost(self.uniform(middle)) <= budget else \
+                    (low, middle)
+            return self.uniform(low)
+        return self._line_shape(SHAPE_INFLECTION[name], budget, self.tokens)
+
+
+@dataclass(frozen=True)
+class RatioSpace(StepSpace):
+    """Per-block keep ratios of a BERT-family text encoder on a grid, as whole steps of
+    ``grid`` below 1 (0 steps: the block does not merge; the most: ρ = 0.5), and what each
+    costs: the total MACs of the calibration sentences, each merged by the schedule of its
+    own length (:func:`pitome.analysis.flops.length_macs`)."""
+
+    blocks: int
+    mergeable_blocks: tuple[int, ...]
+    default_blocks: tuple[int, ...] | None
+    grid: float
+    count_prefix: bool
+    total: Callable[[TokenSchedule | None], int]
+    sentences: int
+    shape_names: tuple[str, ...] = TEXT_SHAPES
+    costs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, model: nn.Module, algo: str, options: Mapping[str, Any],
+           lengths: Sequence[int], grid: float = DEFAULT_GRID) -> RatioSpace:
+        """The space of ``model`` merged by ``algo``, costed over sentences of ``lengths``
+        real tokens (read from an identity patch)."""
+        shape = TextShape.of(model)
+        by_length = Counter(int(length) for length in lengths)
+        if not by_length or min(by_length) < 1:
+            raise ValueError("calibrating a text model needs sentences of at least one token")
+        patch(model, algo, ratio=[1.0] * shape.num_blocks, **options)
+        try:
+            config = merge_config(model)
+        finally:
+            unpatch(model)
+        assert config is not None
+        algorithm, allowed = config.algorithm, config.schedule.merge_blocks
+        default = options.get("merge_blocks") or find_adapter(model).merge_blocks_for(model)
+        return cls(shape.num_blocks,
+                   tuple(range(shape.num_blocks)) if allowed is None else tuple(allowed),
+                   None if default is None else tuple(default), grid,
+                   config.schedule.count_prefix,
+                   lambda schedule: length_macs(shape, schedule, by_length, algorithm),
+                   sum(by_length.values()))
+
+    @property
+    def most_steps(self) -> int:
+        return math.floor((1 - MIN_RATIO) / self.grid + 1e-9)
+
+    def ratios(self, steps: Sequence[int]) -> list[float]:
+        """The keep ratio of each block: ``1 − steps·grid``."""
+        return [round(1 - count * self.grid, 10) for count in steps]
+
+    def describe(self, steps: Sequence[int]) -> dict[str, list]:
+        return {"ratio": self.ratios(steps)}
+
+    def schedule(self, steps: Sequence[int]) -> TokenSchedule:
+        return TokenSchedule(ratio=self.ratios(steps), count_prefix=self.count_prefix)
+
+    def cost(self, steps: Sequence[int]) -> int:
+        key = tuple(steps)
+        if key not in self.costs:
+            self.costs[key] = self.total(self.schedule(steps))
+        return self.costs[key]
+
+    def ratio_cost(self, ratio: float, blocks: Sequence[int] | None) -> int:
+        """The cost of one keep ``ratio`` in ``blocks`` (None: all), off the grid."""
+        return self.total(TokenSchedule(ratio=ratio, merge_blocks=blocks,
+                                        count_prefix=self.count_prefix))
+
+    def equal_cost_ratio(self, budget: int, blocks: Sequence[int] | None) -> float | None:
+        """The largest keep ratio in ``blocks`` costing at most ``budget`` MACs (to 1e-6),
+        or None if even 0.5 costs more."""
+        if self.ratio_cost(1.0, blocks) <= budget:
+            return 1.0
+        if self.ratio_cost(MIN_RATIO, blocks) > budget:
+            return None
+        low, high = MIN_RATIO, 1.0
+        while high - low > 1e-6:
+            middle = (low + high) / 2
+            low, high = (middle, high) if self.ratio_cost(middle, blocks) <= budget else \
+                (low, middle)
+        return low
+
+    def clamp(self, steps: Sequence[int]) -> list[int]:
+        """``steps`` cut to [0, the most], 0 outside the mergeable blocks."""
+        return [max(0, min(int(count), self.most_steps)) if block in self.mergeable_blocks
+                else 0 for block, count in enumerate(steps)]
+
+    def most_merged(self) -> list[int]:
+        return self.clamp([self.most_steps] * self.blocks)
+
+    def shape(self, name: str, budget: int) -> list[int] | None:
+        """The simple shape ``name`` that merges the least while within ``budget`` MACs:
+        ``uniform`` (one ratio in every mergeable block), ``first-3`` (one ratio in blocks
+        0-2, the authors' text schedule), ``early-heavy`` / ``late-heavy`` (steps falling /
+        rising linearly); None if even its most merged form costs more."""
+        blocks = None
+        if name == "first-3":
+            blocks = [block for block in self.mergeable_blocks if block < 3]
+            if not blocks or tuple(blocks) == self.mergeable_blocks:
+                return None  # no such blocks, or the same shape as uniform
+        return self._line_shape(SHAPE_INFLECTION[name], budget, 3 * self.most_steps, blocks)
+
 def _depth(model: nn.Module) -> int:
     if hasattr(model, "blocks"):
         return len(model.blocks)
     return int(model.config.num_hidden_layers)
 
 
-def uniform_flops(model: nn.Module, ratio: float, algo: str = "pitome",
+def is_text_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a BERT-family text encoder whose FLOPs are counted per sentence
+    (:class:`pitome.analysis.flops.TextShape`)."""
+    try:
+        TextShape.of(model)
+    except TypeError:
+        return False
+    return True
+
+
+def sentence_lengths(batches: torch.Tensor | Iterable[Batch]) -> list[int]:
+    """The real tokens of every sentence in text batches: each row's attention-mask sum,
+    or the batch's width where a batch has no mask (a tensor of ``input_ids``)."""
+    lengths: list[int] = []
+    for batch in _as_batches(batches, 2 ** 62):
+        if isinstance(batch, torch.Tensor):
+            lengths += [batch.shape[-1]] * batch.shape[0]
+            continue
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            lengths += [int(v) for v in torch.as_tensor(mask).sum(-1).tolist()]
+        else:
+            ids = batch.get("input_ids")
+            if not isinstance(ids, torch.Tensor):
+                raise ValueError("a text batch needs input_ids or an attention_mask to read "
+                                 "its sentence lengths from")
+            lengths += [ids.shape[-1]] * ids.shape[0]
+    return lengths
+
+
+def _text_lengths(lengths: Sequence[int] | None, batches: Any) -> Sequence[int]:
+    if (lengths is None) == (batches is None):
+        raise ValueError("a text model's FLOPs depend on its sentences' lengths: give "
+                         "lengths= (real tokens per sentence) or batches= (one of them)")
+    return sentence_lengths(batches) if lengths is None else lengths
+
+
+def uniform_flops(model: nn.Module, ratio: float, algo: str = "pitome", *,
+                  lengths: Sequence[int] | None = None, batches: Any = None,
                   **options: Any) -> float:
     """MACs of ``model`` merged by ``algo`` at a uniform keep ``ratio``, as a fraction of
-    the unmerged model's: the budget to calibrate for to match that ratio's cost."""
+    the unmerged model's: the budget to calibrate for to match that ratio's cost.
+
+    A text encoder merges in its default blocks (BERT-family: the first three) unless
+    ``merge_blocks`` is given, and is costed over sentences of ``lengths`` real tokens (or
+    those of ``batches``, see :func:`sentence_lengths`)."""
+    if is_text_model(model):
+        space = RatioSpace.of(model, algo, options, _text_lengths(lengths, batches))
+        return space.ratio_cost(ratio, space.default_blocks) / space.unmerged
     space = ScheduleSpace.of(model, algo, options)
     return space.fraction(space.uniform(ratio))
+
+
+def schedule_space(model: nn.Module, algo: str, options: Mapping[str, Any],
+                   batches: Sequence[Batch] | None = None,
+                   grid: float | None = None) -> StepSpace:
+    """The space :func:`calibrate` searches: per-block keep ratios on ``grid`` for a text
+    encoder (costed over the sentences of ``batches``), per-block counts for a ViT."""
+    if is_text_model(model):
+        return RatioSpace.of(model, algo, options, sentence_lengths(batches or []),
+                             DEFAULT_GRID if grid is None else grid)
+    if grid is not None:
+        raise ValueError(f"grid={grid!r} is the step of a text model's keep ratios; a "
+                         f"{type(model).__name__} is calibrated in whole tokens per block")
+    return ScheduleSpace.of(model, algo, options)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -280,6 +521,11 @@ def _prediction(output: Any) -> tuple[torch.Tensor, str]:
         raise TypeError(f"calibrate reads logits or hidden states from the model's output, "
                         f"not a {type(output).__name__}")
     return output, "kl" if output.ndim == 2 else "cosine"
+
+
+def _takes_one_dict(model: nn.Module) -> bool:
+    """Whether ``model`` takes its inputs as one dict (a sentence-transformers model)."""
+    return any(klass.__name__ == "SentenceTransformer" for klass in type(model).__mro__)
 
 
 class Objective:
@@ -312,7 +558,8 @@ class Objective:
                      for k, v in batch.items()}
         with torch.no_grad(), torch.autocast(self.device.type, self.dtype or torch.float32,
                                              enabled=self.dtype is not None):
-            output = self.model(**batch) if isinstance(batch, Mapping) else self.model(batch)
+            output = self.model(**batch) if isinstance(batch, Mapping) and \
+                not _takes_one_dict(self.model) else self.model(batch)
         return output, batch
 
     def _target(self, output: Any, batch: Batch) -> torch.Tensor:
@@ -354,15 +601,21 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
               flops: float = 0.6, *, objective: str = "auto", holdout: float = 0.25,
               max_evaluations: int = 150, batch_size: int = 32,
               dtype: torch.dtype | None = None, progress: bool = False,
-              name: str | None = None, **options: Any) -> Calibration:
-    """Per-block merge counts for ``model`` under a FLOPs budget, found without labels.
+              name: str | None = None, grid: float | None = None,
+              **options: Any) -> Calibration:
+    """Per-block merge counts (vision) or keep ratios (text) for ``model`` under a FLOPs
+    budget, found without labels.
 
     Args:
         model: an unpatched timm or Hugging Face ViT/DeiT (FLOPs are counted by
-            :func:`pitome.analysis.flops.schedule_macs`); left unpatched.
-        batches: unlabeled inputs: a tensor (split into ``batch_size`` rows) or batches
-            (tensors, or dicts of keyword inputs). Sample them across classes: a class-sorted
-            folder's first images make a narrow calibration set.
+            :func:`pitome.analysis.flops.schedule_macs`), or a Hugging Face BERT, RoBERTa or
+            DistilBERT encoder (MiniLM is a ``BertModel``), alone or inside
+            sentence-transformers (:func:`pitome.analysis.flops.text_macs`, over the
+            lengths of the calibration sentences); left unpatched.
+        batches: unlabeled inputs: a tensor or a dict of them (split into ``batch_size``
+            rows) or batches (tensors, or dicts of keyword inputs: text batches hold
+            ``input_ids`` and an ``attention_mask``, padded on the right). Sample them across
+            classes: a class-sorted folder's first images make a narrow calibration set.
         algo: the registered algorithm to calibrate for.
         flops: the budget, a fraction of the unmerged model's MACs, above what merging
             the most each block can (half its tokens) costs and at most 1;
@@ -377,12 +630,15 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
         dtype: autocast precision of the forwards (None: the model's own).
         progress: show a progress bar (tqdm) on stderr.
         name: what to call the model in the result (default: its class name).
+        grid: the step of a text model's keep ratios (default 0.005): each block keeps
+            ``1 − k·grid`` of its tokens, ``k`` from 0 (no merge) to ρ = 0.5.
         **options: keyword options for ``pitome.patch`` (``margin``, ``prop_attn``, ...),
             used in every evaluation and kept in the result.
 
     Returns:
         A :class:`Calibration` with ``flops <= budget`` that is never worse on the search
-        inputs than the best simple shape at the budget.
+        inputs than the best simple shape at the budget: ``r`` set for a vision model,
+        ``ratio`` for a text one.
     """
     started = time.perf_counter()
     if not isinstance(algo, str):
@@ -398,28 +654,33 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
     if merge_config(model) is not None:
         raise ValueError("calibrate needs the unmerged model to compare with; call "
                          "pitome.unpatch(model) first")
-    space = ScheduleSpace.of(model, algo, options)
+    listed = _as_batches(batches, batch_size)
+    space = schedule_space(model, algo, options, listed, grid)
     budget = _check_budget(flops, space)
-    search_batches, held_batches = _split(_as_batches(batches, batch_size), holdout_value)
+    search_batches, held_batches = _split(listed, holdout_value)
     search = Objective(model, search_batches, objective, dtype)
     held = Objective(model, held_batches, search.kind, dtype) if held_batches else None
     bar = _progress_bar(progress, max_evaluations)
     searcher = _Search(model, algo, options, space, budget, search, held, max_evaluations, bar)
     try:
-        shapes = {}
-        for shape in SHAPES:
-            r = space.shape(shape, budget)
-            if r is not None:
-                shapes[shape] = {"r": r, "flops": space.fraction(r), "loss": searcher.loss(r),
-                                 "holdout_loss": searcher.holdout_loss(r)}
+        shapes, starts = {}, {}
+        for shape in space.shape_names:
+            steps = space.shape(shape, budget)
+            if steps is not None:
+                starts[shape] = steps
+                shapes[shape] = {**space.describe(steps), "flops": space.fraction(steps),
+                                 "loss": searcher.loss(steps),
+                                 "holdout_loss": searcher.holdout_loss(steps)}
         start = min(shapes, key=lambda shape: shapes[shape]["loss"])
-        best = searcher.run(shapes[start]["r"])
+        best = searcher.run(starts[start])
     finally:
         unpatch(model)
         if bar is not None:
             bar.close()
+    schedule = space.describe(best)
     return Calibration(
-        r=best, algo=algo, flops=space.fraction(best), budget=float(flops),
+        r=schedule.get("r"), ratio=schedule.get("ratio"), algo=algo,
+        flops=space.fraction(best), budget=float(flops),
         objective=search.kind, loss=searcher.loss(best), holdout_loss=searcher.holdout_loss(best),
         start=start, shapes=shapes, history=searcher.history, evaluations=searcher.evaluations,
         seconds=time.perf_counter() - started, model=name or type(model).__name__,
@@ -427,14 +688,15 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
         options=dict(options))
 
 
-def _check_budget(flops: Any, space: ScheduleSpace) -> int:
+def _check_budget(flops: Any, space: StepSpace) -> int:
     value = scalar(flops)
     lowest = space.fraction(space.most_merged())
     if value is None or not lowest < value <= 1:
         raise ValueError(f"flops={flops!r}: the budget is a fraction of the unmerged model's "
                          f"MACs in ({lowest:.4f}, 1]; {lowest:.4f} is what merging half of "
                          "every block's tokens costs")
-    return math.floor(value * space.unmerged)
+    # A fraction read back from a schedule's cost (uniform_flops) lets that schedule fit.
+    return math.floor(value * space.unmerged * (1 + 1e-12))
 
 
 def _as_batches(batches: Any, batch_size: int) -> list[Batch]:
@@ -443,7 +705,7 @@ def _as_batches(batches: Any, batch_size: int) -> list[Batch]:
             raise ValueError("batches holds no inputs")
         return list(batches.split(batch_size))
     if isinstance(batches, Mapping):
-        return [batches]
+        return _split_rows(batches, batch_size)
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
         raise TypeError(f"batches must be a tensor or an iterable of batches, got "
                         f"{type(batches).__name__}")
@@ -455,6 +717,18 @@ def _as_batches(batches: Any, batch_size: int) -> list[Batch]:
             raise TypeError(f"each batch must be a tensor or a dict of keyword inputs, got "
                             f"{type(batch).__name__}")
     return listed
+
+
+def _split_rows(batch: Mapping[str, Any], batch_size: int) -> list[Batch]:
+    """A dict of keyword inputs split into ``batch_size`` rows (its tensors along dim 0)."""
+    rows = [v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim]
+    if not rows:
+        return [batch]
+    if rows[0] == 0:
+        raise ValueError("batches holds no inputs")
+    return [{key: value[start:start + batch_size]
+             if isinstance(value, torch.Tensor) and value.ndim else value
+             for key, value in batch.items()} for start in range(0, rows[0], batch_size)]
 
 
 def _split(batches: list[Batch], holdout: float) -> tuple[list[Batch], list[Batch]]:
@@ -480,7 +754,7 @@ class _Search:
 
     TRIES = 3
 
-    def __init__(self, model, algo, options, space: ScheduleSpace, budget: int,
+    def __init__(self, model, algo, options, space: StepSpace, budget: int,
                  search: Objective, held: Objective | None, max_evaluations: int, bar) -> None:
         self.model, self.algo, self.options = model, algo, options
         self.space, self.budget, self.search, self.held = space, budget, search, held
@@ -489,13 +763,14 @@ class _Search:
         self.losses: dict[tuple[int, ...], float] = {}
         self.held_losses: dict[tuple[int, ...], float] = {}
         self.history: list[dict[str, Any]] = []
+        self.accepted: list[list[int]] = []
 
     @property
     def spent(self) -> bool:
         return self.evaluations >= self.max_evaluations
 
     def _evaluate(self, objective: Objective, r: Sequence[int]) -> float:
-        patch(self.model, self.algo, r=list(r), **self.options)
+        patch(self.model, self.algo, **self.space.patch_arguments(r), **self.options)
         loss = objective.losses().mean().item()
         self.evaluations += 1
         if self.bar is not None:
@@ -517,7 +792,8 @@ class _Search:
         return self.held_losses[key]
 
     def _accept(self, r: list[int]) -> None:
-        self.history.append({"evaluations": self.evaluations, "r": list(r),
+        self.accepted.append(list(r))
+        self.history.append({"evaluations": self.evaluations, **self.space.describe(r),
                              "flops": self.space.fraction(r), "loss": self.loss(r),
                              "holdout_loss": self.holdout_loss(r)})
         if self.bar is not None:
@@ -540,12 +816,14 @@ class _Search:
                 rates = None
         if self.held is None:
             return current
-        best = min(reversed(self.history), key=lambda entry: entry["holdout_loss"])
-        return best["r"]
+        last = len(self.history) - 1  # on a tie, the latest
+        best = min(range(len(self.history)),
+                   key=lambda index: (self.history[index]["holdout_loss"], last - index))
+        return self.accepted[best]
 
     def _rates(self, r: list[int], step: int) -> tuple[dict[int, float], dict[int, float]]:
         """Per block, the loss's change per MAC of merging there: measured by merging
-        ``step`` fewer tokens (or ``step`` more where the block merges none), one probe per
+        ``step`` fewer steps (or ``step`` more where the block merges none), one probe per
         block. Returned twice: as the cost of merging more there and the gain of merging
         less (a first-order search uses one rate for both)."""
         base_loss, base_cost = self.loss(r), self.space.cost(r)

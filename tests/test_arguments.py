@@ -44,7 +44,13 @@ def test_real_scalars_of_numpy_and_torch_are_ratios(scalar):
     (dict(r=[8, 1.5]), ValueError, r"r=\[8, 1.5\]: a per-block list holds non-negative ints"),
     (dict(r=(8, 3.0)), ValueError, r"r=\(8, 3.0\): a 2-tuple is \(r, inflection\)"),
     (dict(r=-2), ValueError, r"r must be non-negative, got -2"),
-    (dict(ratio="0.9"), TypeError, r"ratio must be a number in \[0.5, 1\], got '0.9'"),
+    (dict(ratio="0.9"), TypeError, r"ratio must be a number in \[0.5, 1\] or a list of them "
+                                   r".* got '0.9'"),
+    (dict(ratio=[0.9, 0.4]), ValueError, r"ratio=\[0.9, 0.4\]: block 1 has 0.4; a per-block "
+                                         r"list holds keep ratios in \[0.5, 1\]"),
+    (dict(ratio=[0.9, "x"]), ValueError, r"ratio=\[0.9, 'x'\]: block 1 has 'x'"),
+    (dict(ratio=[]), ValueError, r"ratio=\[\]: a per-block list needs at least one"),
+    (dict(ratio=[0.9] * 5), ValueError, r"ratio lists 5 keep ratios but the model has 4 blocks"),
     (dict(ratio=np.float32(0.3)), ValueError, r"ratio=0.3.* is out of range"),
     (dict(merge_blocks=[100]), ValueError, r"merge_blocks=\[100\] names block\(s\) \[100\], "
                                            r"but the model has 4 blocks"),

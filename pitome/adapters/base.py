@@ -26,7 +26,12 @@ class Adapter(Protocol):
 
     def margin_for(self, model: nn.Module) -> MarginSpec: ...
 
-    def merge_blocks_for(self, model: nn.Module) -> tuple[int, ...] | None: ...
+    def merge_blocks_for(self, model: nn.Module,
+                         per_block: bool = False) -> tuple[int, ...] | None:
+        """The blocks ``model`` merges in unless told otherwise (None: all). ``per_block``:
+        for a per-block schedule, which says where to merge itself; only blocks whose
+        output the model never reads are then left out."""
+        ...
 
     def preset_for(self, model: nn.Module, algo: str) -> str: ...
 

@@ -465,11 +465,12 @@ class HuggingFaceAdapter:
     def margin_for(self, model: nn.Module) -> MarginSpec:
         return self.family(model).margin  # type: ignore[union-attr]
 
-    def merge_blocks_for(self, model: nn.Module) -> tuple[int, ...] | None:
+    def merge_blocks_for(self, model: nn.Module,
+                         per_block: bool = False) -> tuple[int, ...] | None:
         family = self.family(model)
         if family.read_blocks is not None:  # type: ignore[union-attr]
             return family.read_blocks(model.config)  # type: ignore[union-attr]
-        return family.merge_blocks  # type: ignore[union-attr]
+        return None if per_block else family.merge_blocks  # type: ignore[union-attr]
 
     def preset_for(self, model: nn.Module, algo: str) -> str:
         presets = self.family(model).presets  # type: ignore[union-attr]

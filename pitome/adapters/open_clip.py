@@ -126,7 +126,7 @@ class OpenClipAdapter:
     def margin_for(self, model: nn.Module) -> LinearMargin:
         return LinearMargin(0.9, 0.9)  # the authors' CLIP schedule (docs/method.md §3)
 
-    def merge_blocks_for(self, model: nn.Module) -> None:
+    def merge_blocks_for(self, model: nn.Module, per_block: bool = False) -> None:
         return None
 
     def preset_for(self, model: nn.Module, algo: str) -> str:

@@ -109,11 +109,16 @@ class SentenceTransformersAdapter:
                     (SUPPORTED,))
         return first, encoder, poolings
 
+    def encoder(self, model: nn.Module) -> nn.Module:
+        """The Hugging Face model inside ``model``'s first module (the one that merges)."""
+        return self._parts(model)[1]
+
     def margin_for(self, model: nn.Module):
         return self.hf.margin_for(self._parts(model)[1])
 
-    def merge_blocks_for(self, model: nn.Module) -> tuple[int, ...] | None:
-        return self.hf.merge_blocks_for(self._parts(model)[1])
+    def merge_blocks_for(self, model: nn.Module,
+                         per_block: bool = False) -> tuple[int, ...] | None:
+        return self.hf.merge_blocks_for(self._parts(model)[1], per_block)
 
     def preset_for(self, model: nn.Module, algo: str) -> str:
         return self.hf.preset_for(self._parts(model)[1], algo)

@@ -170,7 +170,7 @@ class TimmVisionTransformerAdapter:
     def margin_for(self, model: nn.Module) -> LinearMargin:
         return self.default_margin
 
-    def merge_blocks_for(self, model: nn.Module) -> None:
+    def merge_blocks_for(self, model: nn.Module, per_block: bool = False) -> None:
         return None
 
     def preset_for(self, model: nn.Module, algo: str) -> str:

@@ -1,21 +1,27 @@
-"""Analytic multiply-accumulate counts of a ViT under a token schedule (docs/method.md §7).
+"""Analytic multiply-accumulate counts of a ViT, or of a BERT-family text encoder, under a
+token schedule (docs/method.md §7).
 
 timm and fvcore report multiply-accumulates as "FLOPs"; so do we. Per block with ``N``
 tokens in, ``N′`` out, width ``C`` and MLP hidden width ``H``: attention ``4NC² + 2N²C``
 (q, k, v, output projections and the two ``N×N`` products), MLP ``2N′CH`` (``8N′C²`` at
 ratio 4). Patch embedding and head are added for totals. The merge itself is counted apart:
 its cost depends on the algorithm, not on the model.
+
+A text encoder merges every sentence by the schedule of its own length, so its count is a
+mean over sentence lengths (:func:`text_macs`): the same blocks, no patch embedding (token
+embeddings are lookups), and a head (pooler, classifier) applied to one token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..core.schedule import token_counts
+from ..core.schedule import TokenSchedule, token_counts
 
 if TYPE_CHECKING:
     from ..core.registry import Algorithm
@@ -241,3 +247,99 @@ def counted_flops(model: nn.Module, inputs) -> int:
             model(**inputs)
             batch = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
     return counter.get_total_flops() // batch
+
+
+# ----------------------------------------------------------------------------- text encoders
+TEXT_FAMILIES = ("BERT", "RoBERTa", "DistilBERT")
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """What the MAC count of a BERT-family text encoder depends on."""
+
+    width: int
+    mlp_hidden: int
+    num_blocks: int
+    heads: int
+    num_prefix: int
+    head_macs: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> TextShape:
+        """Read the shape of a Hugging Face BERT, RoBERTa or DistilBERT model (MiniLM is a
+        ``BertModel``), with or without a classification head, or of a sentence-transformers
+        model over one. Raises TypeError for anything else."""
+        from ..adapters.hf import HuggingFaceAdapter
+        from ..adapters.sentence_transformers import SentenceTransformersAdapter
+
+        hf, outer = HuggingFaceAdapter(), model
+        if SentenceTransformersAdapter().matches(model):
+            model = SentenceTransformersAdapter().encoder(model)
+        family = hf.family(model)
+        if family is None or family.name not in TEXT_FAMILIES:
+            raise TypeError(f"pitome.analysis.flops counts text encoders of the Hugging Face "
+                            f"{', '.join(TEXT_FAMILIES)} families (or sentence-transformers "
+                            f"over one), not a {type(outer).__name__}")
+        config, layers = model.config, hf.stack(model)
+        width = getattr(config, "hidden_size", None) or config.dim
+        hidden = getattr(config, "intermediate_size", None) or config.hidden_dim
+        heads = getattr(config, "num_attention_heads", None) or config.n_heads
+        in_layers = {id(module) for module in layers.modules()}
+        head = sum(module.in_features * module.out_features for module in outer.modules()
+                   if isinstance(module, nn.Linear) and id(module) not in in_layers)
+        return cls(width=width, mlp_hidden=hidden, num_blocks=len(layers), heads=heads,
+                   num_prefix=family.num_prefix, head_macs=head)
+
+
+def sentence_macs(shape: TextShape, token_counts: Sequence[int]) -> int:
+    """MACs of one sentence through a text encoder whose blocks see ``token_counts``
+    (L + 1 entries): the blocks, and the head on one token (pooler, classifier)."""
+    if len(token_counts) != shape.num_blocks + 1:
+        raise ValueError(f"need {shape.num_blocks + 1} token counts (one per block and the "
+                         f"output), got {len(token_counts)}")
+    return shape.head_macs + sum(block_macs(tokens_in, tokens_out, shape.width, shape.mlp_hidden)
+                                 for tokens_in, tokens_out in zip(token_counts[:-1],
+                                                                  token_counts[1:]))
+
+
+def text_macs(model: nn.Module, schedule: TokenSchedule | None, lengths: Sequence[int],
+              algorithm: Algorithm | None = None) -> float:
+    """Mean MACs per sentence of a BERT-family text encoder (see :class:`TextShape`) over
+    sentences of ``lengths`` real tokens each (CLS and SEP included, padding not), each
+    merged by ``schedule`` as the text runtime merges it
+    (:meth:`~pitome.core.schedule.TokenSchedule.sentence_plan`); None counts the unmerged
+    model. The merge's similarity products are included when ``algorithm`` is given.
+
+    Build ``schedule`` as ``pitome.patch`` does (``pitome.merge_config(model).schedule`` of
+    a patched model is one): its ``merge_blocks`` and ``count_prefix`` change the counts."""
+    by_length = Counter(_length(length) for length in lengths)
+    if not by_length:
+        raise ValueError("lengths holds no sentence lengths")
+    return length_macs(TextShape.of(model), schedule, by_length, algorithm) / \
+        sum(by_length.values())
+
+
+def length_macs(shape: TextShape, schedule: TokenSchedule | None, by_length: Mapping[int, int],
+                algorithm: Algorithm | None = None) -> int:
+    """Total MACs of ``by_length[L]`` sentences of each length ``L`` (see :func:`text_macs`,
+    which is this over the sentence count)."""
+    if schedule is not None:
+        schedule.check_depth(shape.num_blocks)
+    total = 0
+    for length, count in by_length.items():
+        merges = [0] * shape.num_blocks if schedule is None else \
+            schedule.sentence_plan(length, shape.num_prefix, shape.num_blocks)
+        counts = token_counts(length, merges)
+        macs = sentence_macs(shape, counts)
+        if algorithm is not None:
+            macs += similarity_macs(algorithm, counts, shape.num_prefix,
+                                    shape.width // shape.heads)
+        total += count * macs
+    return total
+
+
+def _length(length: object) -> int:
+    value = getattr(length, "item", lambda: length)()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"a sentence length is a whole number of tokens >= 1, got {length!r}")
+    return value

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 RSpec = Union[int, Sequence[int], tuple[int, float]]
+RatioSpec = Union[float, Sequence[float]]
 MarginSpec = Union[float, Sequence[float], Callable[[int, int], float]]
 
 MIN_RATIO = 0.5
@@ -49,6 +50,30 @@ def check_ratio(ratio: Any) -> float:
             f"lie in [{MIN_RATIO}, 1] (below {MIN_RATIO} a bipartite matching cannot remove enough "
             "tokens; 1 disables merging)")
     return float(number)
+
+
+RATIO_FORMS = (f"a number in [{MIN_RATIO}, 1] or a list of them (one keep ratio per block; 1 "
+               "= the block does not merge)")
+
+
+def check_ratios(ratio: Any) -> float | tuple[float, ...]:
+    """Validate ``ratio``: one keep ratio for every merging block, or a per-block sequence
+    of them (each in [0.5, 1], 1 = that block does not merge); returns a float or a tuple."""
+    if scalar(ratio) is not None:
+        return check_ratio(ratio)
+    if isinstance(ratio, (str, bytes)) or not isinstance(ratio, Sequence) \
+            and not (hasattr(ratio, "tolist") and getattr(ratio, "ndim", 0) == 1):
+        raise TypeError(f"ratio must be {RATIO_FORMS}, got {ratio!r}")
+    values = ratio.tolist() if hasattr(ratio, "tolist") else list(ratio)
+    if not values:
+        raise ValueError(f"ratio={values!r}: a per-block list needs at least one keep ratio")
+    numbers_ = [scalar(value) for value in values]
+    for block, (given, number) in enumerate(zip(values, numbers_)):
+        if number is None or not MIN_RATIO <= number <= 1.0:
+            raise ValueError(
+                f"ratio={values!r}: block {block} has {given!r}; a per-block list holds keep "
+                f"ratios in [{MIN_RATIO}, 1] (1 = the block does not merge)")
+    return tuple(float(number) for number in numbers_)  # type: ignore[arg-type]
 
 
 def check_r(r: Any) -> int | list[int] | tuple[int, float]:
@@ -197,8 +222,9 @@ def merges_for_tokens(mergeable: int, target: int, blocks: Sequence[int], num_bl
 class TokenSchedule:
     """The number of tokens to merge in each block, given the token count entering it.
 
-    Exactly one of ``ratio`` (fraction kept per block), ``r`` (ToMe's fixed count: int,
-    per-block list, or ``(r, inflection)``) and ``tokens`` (mergeable tokens left after the
+    Exactly one of ``ratio`` (fraction kept per block: one for every merging block, or a
+    per-block sequence, 1 where a block does not merge; blocks past its end keep all),
+    ``r`` (ToMe's fixed count: int, per-block list, or ``(r, inflection)``) and ``tokens`` (mergeable tokens left after the
     last merging block, prefix tokens not counted; reached by :func:`merges_for_tokens`) is
     set. ``merge_blocks`` optionally restricts merging to a set of block indices (the text
     models' first-three-blocks schedule). ``count_prefix`` reproduces the convention in
@@ -207,7 +233,7 @@ class TokenSchedule:
     block at once, for algorithms that are not bounded by a bipartite split (VisionZip).
     """
 
-    ratio: float | None = None
+    ratio: float | tuple[float, ...] | None = None
     r: RSpec | None = None
     merge_blocks: tuple[int, ...] | None = None
     count_prefix: bool = False
@@ -219,7 +245,7 @@ class TokenSchedule:
             raise ValueError("give exactly one of ratio (fraction of tokens kept), r (tokens "
                              "merged per block) and tokens (tokens left)")
         if self.ratio is not None:
-            object.__setattr__(self, "ratio", check_ratio(self.ratio))
+            object.__setattr__(self, "ratio", check_ratios(self.ratio))
         elif self.r is not None:
             object.__setattr__(self, "r", check_r(self.r))
         else:
@@ -238,6 +264,9 @@ class TokenSchedule:
                              f"{num_blocks - 1})")
         if self.r is not None:
             self._fixed_r(num_blocks)
+        if isinstance(self.ratio, tuple) and len(self.ratio) > num_blocks:
+            raise ValueError(f"ratio lists {len(self.ratio)} keep ratios but the model has "
+                             f"{num_blocks} blocks: give at most one per block")
 
     @property
     def is_identity(self) -> bool:
@@ -245,6 +274,8 @@ class TokenSchedule:
         which merges inputs longer than it)."""
         if self.tokens is not None:
             return False
+        if isinstance(self.ratio, tuple):
+            return all(value >= 1.0 for value in self.ratio)
         if self.ratio is not None:
             return self.ratio >= 1.0
         if isinstance(self.r, int):
@@ -267,6 +298,13 @@ class TokenSchedule:
         if any(v < 0 for v in values):
             raise ValueError(f"r must be non-negative, got {values}")
         return values
+
+    def block_ratio(self, block: int) -> float:
+        """The keep ratio of ``block`` (1 past the end of a per-block list); needs ``ratio``."""
+        if isinstance(self.ratio, tuple):
+            return self.ratio[block] if block < len(self.ratio) else 1.0
+        assert self.ratio is not None
+        return self.ratio
 
     def merging_blocks(self, num_blocks: int) -> list[int]:
         """The blocks allowed to merge, in order."""
@@ -296,7 +334,7 @@ class TokenSchedule:
                 r = 0
             elif fixed is None:
                 base = tokens if self.count_prefix else mergeable
-                r = min(tokens_to_merge(base, self.ratio), mergeable // 2)  # type: ignore[arg-type]
+                r = min(tokens_to_merge(base, self.block_ratio(block)), mergeable // 2)
             else:
                 r = fixed[block]
             if clamp:
@@ -311,6 +349,14 @@ class TokenSchedule:
         if self.one_shot:
             return self._at_once(counts, self.merging_blocks(num_blocks), num_blocks)
         return counts
+
+    def sentence_plan(self, length: int, num_prefix: int, num_blocks: int) -> list[int]:
+        """Per-block ``r`` of one sentence of ``length`` real tokens (prefix included) in a
+        padded batch, as the text runtime merges it: :meth:`plan` with ``clamp``; a sentence
+        with at most one token besides the prefix merges nothing."""
+        if length <= num_prefix + 1:
+            return [0] * num_blocks
+        return self.plan(length, num_prefix, num_blocks, clamp=True)
 
     @staticmethod
     def _at_once(counts: list[int], blocks: list[int], num_blocks: int) -> list[int]:

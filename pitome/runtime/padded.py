@@ -37,14 +37,8 @@ def count_table(schedule: TokenSchedule, width: int, num_prefix: int,
     """``table[L][k]``: the tokens a sentence of ``L`` real tokens has entering block ``k``
     (``k = num_blocks``: leaving the last), for every ``L`` up to ``width``. A sentence with
     at most one token besides the prefix merges nothing."""
-    table = []
-    for length in range(width + 1):
-        if length <= num_prefix + 1:
-            table.append([length] * (num_blocks + 1))
-        else:
-            table.append(token_counts(length, schedule.plan(length, num_prefix, num_blocks,
-                                                            clamp=True)))
-    return table
+    return [token_counts(length, schedule.sentence_plan(length, num_prefix, num_blocks))
+            for length in range(width + 1)]
 
 
 def padded_counts(tables: CountTables, schedule: TokenSchedule, width: int, num_prefix: int,

@@ -49,6 +49,54 @@ def embed_sentences(model: nn.Module, tokenizer, sentences: Sequence[str], batch
     return torch.cat(out)
 
 
+def load_text_encoder(name: str) -> tuple[nn.Module, object]:
+    """A Hugging Face text encoder (``AutoModel``, no head) and its tokenizer, by hub name or
+    folder; ``"minilm"`` is the bundled all-MiniLM-L6-v2 (:func:`load_minilm`)."""
+    if name == "minilm":
+        return load_minilm()
+    transformers = require("transformers", "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    return transformers.AutoModel.from_pretrained(name).eval(), tokenizer
+
+
+def read_texts(path: str | Path, text_column: str = "sentence") -> list[str]:
+    """The texts of a TSV/CSV file's ``text_column`` (other columns, labels too, unread)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no text file at {path}")
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
+                                   if delimiter == "\t" else csv.QUOTE_MINIMAL))
+    if not rows:
+        raise ValueError(f"{path} holds no texts")
+    if text_column not in rows[0]:
+        raise ValueError(f"{path} has no column {text_column!r}; its columns are "
+                         f"{sorted(rows[0])} (use --text-column)")
+    return [str(row[text_column] or "").strip() for row in rows]
+
+
+def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int,
+                          max_length: int = 128) -> list[dict[str, torch.Tensor]]:
+    """``input_ids`` / ``attention_mask`` batches of ``texts``, padded on the right, the
+    texts sorted by token count first so that a batch carries little padding (each
+    sentence of a merged batch merges as it would alone, so the order changes no output)."""
+    tokenizer.padding_side = "right"
+    counts = [len(ids) for ids in tokenizer(list(texts), truncation=True,
+                                             max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=counts.__getitem__)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [texts[index] for index in order[start:start + batch_size]]
+        encoded = tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        batches.append({"input_ids": encoded["input_ids"],
+                        "attention_mask": encoded["attention_mask"]})
+    return batches
+
+
 def read_labelled_text(source: str, text_column: str = "sentence", label_column: str = "label",
                        limit: int | None = None) -> tuple[list[str], list[int]]:
     """Texts and integer labels from a TSV/CSV file, or ``NAME[/CONFIG]:SPLIT`` of the
