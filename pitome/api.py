@@ -10,7 +10,8 @@ from torch import nn
 
 from .adapters import find_adapter
 from .core.registry import Algorithm, Method, get_method
-from .core.schedule import MarginSpec, RatioSpec, RSpec, TokenSchedule, check_margin, scalar
+from .core.schedule import (MarginSpec, RatioSpec, RSpec, TokenSchedule, check_margin, check_r,
+                            scalar)
 from .runtime import patcher
 from .runtime.state import MergeConfig, MergeInfo, check_padded_layout
 
@@ -39,7 +40,9 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: RatioSpec | No
             does not apply to it, an explicit ``merge_blocks`` still does.
         r: ToMe's alternative: tokens merged per block as an int, a per-block list, or a
             2-tuple ``(r, inflection)`` (inflection in [-1, 1]; a 2-tuple is never read as
-            a per-block schedule). Numpy and 0-d tensor scalars are accepted throughout.
+            a per-block schedule). A per-block list, like a per-block ``ratio``, is a whole
+            schedule: the model's default ``merge_blocks`` does not apply to it. Numpy and
+            0-d tensor scalars are accepted throughout.
         prop_attn: add ``log size`` to attention logits; defaults to the algorithm's own.
         margin: PiToMe's energy margin, a float or per-block schedule; defaults to the model
             family's reference schedule (ViT ``0.75 − 0.75·i/L``, CLIP ``0.9 − 0.9·i/L``,
@@ -89,7 +92,7 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: RatioSpec | No
     if ratio is None and r is None and tokens is None:
         ratio = DEFAULT_RATIO
     if merge_blocks is None:
-        merge_blocks = adapter.merge_blocks_for(model, per_block=_per_block_ratio(ratio))
+        merge_blocks = adapter.merge_blocks_for(model, per_block=_per_block(ratio, r))
     if isinstance(algo, Algorithm) and options:
         raise TypeError(f"options {sorted(options)} are for registered algorithms; an "
                         "Algorithm instance is passed as it is")
@@ -124,9 +127,12 @@ def patch(model: ModelT, algo: str | Algorithm = "pitome", ratio: RatioSpec | No
     return model
 
 
-def _per_block_ratio(ratio: Any) -> bool:
-    """Whether ``ratio`` is a per-block sequence rather than one number (or None)."""
-    return ratio is not None and scalar(ratio) is None and not isinstance(ratio, (str, bytes))
+def _per_block(ratio: Any, r: Any) -> bool:
+    """Whether the schedule is given block by block: ``ratio`` a sequence rather than one
+    number, or ``r`` a per-block list (a 2-tuple is ``(r, inflection)``)."""
+    if ratio is not None:
+        return scalar(ratio) is None and not isinstance(ratio, (str, bytes))
+    return r is not None and isinstance(check_r(r), list)
 
 
 def _method(algorithm: Algorithm) -> Method:

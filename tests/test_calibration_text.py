@@ -99,6 +99,19 @@ def test_a_per_block_list_on_a_vit_is_the_scalar_ratio():
     assert not torch.equal(outputs[2], outputs[0])  # the first block does not merge there
 
 
+def test_a_per_block_r_list_is_a_whole_schedule_like_a_ratio_list():
+    model, batch = encoder(), padded([40, 17, 33, 9])
+    every_block = hidden(model, batch, r=3, merge_blocks=range(4))
+    torch.testing.assert_close(hidden(model, batch, r=[3, 3, 3, 3]), every_block,
+                               rtol=0, atol=0)
+    # An int r keeps the text default (blocks 0-2); so does a 2-tuple (r, inflection).
+    torch.testing.assert_close(hidden(model, batch, r=3),
+                               hidden(model, batch, r=3, merge_blocks=(0, 1, 2)), rtol=0, atol=0)
+    torch.testing.assert_close(hidden(model, batch, r=(3, 0.0)),
+                               hidden(model, batch, r=3, merge_blocks=(0, 1, 2)), rtol=0, atol=0)
+    assert not torch.equal(hidden(model, batch, r=3), every_block)
+
+
 def test_an_explicit_merge_blocks_still_applies_to_a_per_block_list():
     model, batch = encoder(), padded([40, 17])
     torch.testing.assert_close(hidden(model, batch, ratio=[0.8, 0.6, 0.7, 0.9], merge_blocks=[1]),
