@@ -110,3 +110,68 @@ def test_the_kernel_plans_where_triton_runs_and_pytorch_elsewhere():
         assert ragged_plan(metric, ctx) is None
     with kernel_backend("triton"), torch.enable_grad():
         assert ragged_plan(metric.requires_grad_(), ctx) is None  # no backward pass
+
+
+# ----------------------------------------------------------------------------- applying a plan
+def row_plan_case(lengths, num_prefix, channels=24, dtype=torch.float32, seed=0):
+    """A plan from the one-launch planner, the tokens it merges, their sizes and masks."""
+    metric, ctx = padded_batch(lengths, num_prefix, 8, seed=seed)
+    with kernel_backend("torch"):
+        plan = ragged_bipartite(metric, ctx)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(len(lengths), max(lengths), channels, generator=generator).to(DEVICE, dtype)
+    lengths_out = ctx.lengths - ctx.r
+    width_out = int(lengths_out.max())
+    real_out = torch.arange(width_out, device=DEVICE) < lengths_out.unsqueeze(1)
+    sizes = torch.where(ctx.real.unsqueeze(-1), ctx.sizes, 1.0)
+    return plan, x, sizes, ctx.real, real_out
+
+
+@pytest.mark.parametrize("lengths,num_prefix", CASES)
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_the_padded_merge_kernel_matches_its_pytorch_twin(lengths, num_prefix, weighted,
+                                                          with_residual):
+    from pitome.runtime.padded import apply_row_plan
+
+    plan, x, sizes, real, real_out = row_plan_case(lengths, num_prefix)
+    sizes = sizes if weighted else None
+    residual = torch.randn_like(x) if with_residual else None
+    results = {}
+    for backend in ("triton", "torch"):
+        with kernel_backend(backend):
+            results[backend] = apply_row_plan(plan, x, sizes, real, real_out, None, residual)
+    (fast, fast_sizes, _), (reference, reference_sizes, _) = results["triton"], results["torch"]
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_sizes, reference_sizes, rtol=1e-6, atol=1e-6)
+    assert (fast[~real_out] == 0).all() and (fast_sizes[~real_out] == 1).all()
+    weight = real.unsqueeze(-1).float() * (1 if sizes is None else sizes)
+    total_in = weight.sum(dim=1)
+    torch.testing.assert_close(fast_sizes.masked_fill(~real_out.unsqueeze(-1), 0).sum(dim=1),
+                               total_in)  # every real token's size lands in one output
+
+
+def test_the_padded_merge_kernel_rounds_bfloat16_once():
+    from pitome.runtime.padded import apply_row_plan
+
+    plan, x, sizes, real, real_out = row_plan_case([40, 17, 33], 0, dtype=torch.bfloat16)
+    with kernel_backend("triton"):
+        fast = apply_row_plan(plan, x, sizes, real, real_out)[0]
+    with kernel_backend("torch"):
+        reference = apply_row_plan(plan, x, sizes, real, real_out)[0]
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), reference.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_the_padded_merge_kernel_leaves_traced_sources_and_gradients_to_pytorch():
+    from pitome.kernels.merge import merge_padded_rows
+
+    plan, x, sizes, real, real_out = row_plan_case([9, 5], 1)
+    place = torch.where(plan.slot >= 0, plan.slot, plan.target)
+    place = place.masked_fill(place < 0, real_out.shape[1])
+    with kernel_backend("triton"):
+        assert merge_padded_rows(place, x, sizes, real_out.shape[1]) is not None
+        with torch.enable_grad():
+            assert merge_padded_rows(place, x.requires_grad_(), sizes, real_out.shape[1]) is None
+    with kernel_backend("torch"):
+        assert merge_padded_rows(place, x.detach(), sizes, real_out.shape[1]) is None

@@ -18,6 +18,7 @@ import torch
 
 from ..core.ragged import RaggedContext, RowPlan
 from ..core.schedule import TokenSchedule, token_counts
+from ..kernels.merge import merge_padded_rows
 
 class Counts(NamedTuple):
     """The token counts of every sentence length a padded width allows (see
@@ -109,16 +110,25 @@ class PaddedRun:
 
 def apply_row_plan(plan: RowPlan, x: torch.Tensor, sizes: torch.Tensor | None,
                    real: torch.Tensor, real_out: torch.Tensor,
-                   source: torch.Tensor | None = None
+                   source: torch.Tensor | None = None, residual: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``B×W×C`` padded tokens merged by ``plan`` into ``B×W′×C`` (``W′ = real_out.shape[1]``):
-    each output token the size-weighted mean of its group, padding (zeros) after each row's
-    tokens. Returns the tokens, their ``B×W′×1`` sizes (1 on padding) and the ``B×W′×T``
-    sources (None if ``source`` is)."""
+    """``B×W×C`` padded tokens (plus ``residual``) merged by ``plan`` into ``B×W′×C``
+    (``W′ = real_out.shape[1]``): each output token the size-weighted mean of its group,
+    padding (zeros) after each row's tokens. Returns the tokens, their ``B×W′×1`` sizes (1 on
+    padding) and the ``B×W′×T`` sources (None if ``source`` is).
+
+    The merge kernel runs where it can (no sources to trace, no norm rule); this is its
+    PyTorch twin."""
     batch, width_out = real_out.shape
-    channels = x.shape[-1]
     place = plan.slot if plan.drop_src else torch.where(plan.slot >= 0, plan.slot, plan.target)
     place = place.masked_fill(place < 0, width_out)  # padding and dropped tokens: a spare slot
+    if source is None and not plan.max_norm:
+        merged = merge_padded_rows(place, x, sizes, width_out, residual)
+        if merged is not None:
+            return merged[0], merged[1], None
+    if residual is not None:
+        x = x + residual
+    channels = x.shape[-1]
     weight = real.unsqueeze(-1).float()
     if sizes is not None:
         weight = weight * sizes

@@ -257,12 +257,14 @@ class MergeState:
         ``metric`` may be None when :meth:`plan_ahead` planned this block.
         """
         r = self.merges[block]
+        if self.rows is not None and self.rows.merging[block]:
+            return self._merge_padded_rows(x, metric, block, residual)
         if residual is not None and (r == 0 or self.padding is not None):
             x, residual = x + residual, None
         if self.packed is not None:
             return self.packed.merge(x, metric, block) if self.packed.merges(block) else x
         if self.rows is not None:
-            return self._merge_padded_rows(x, metric, block) if self.rows.merging[block] else x
+            return x
         if r == 0:
             return x
         plan = self.planned_ahead.pop(block, None)
@@ -314,9 +316,10 @@ class MergeState:
         x, sizes = merge_tokens(plan, x, sizes, residual)
         return x, sizes, None if source is None else plan.apply(source, "amax"), plan
 
-    def _merge_padded_rows(self, x: torch.Tensor, metric: torch.Tensor, block: int
-                           ) -> torch.Tensor:
-        """Merge every row of the padded ``x`` by its own count (see :class:`PaddedRun`)."""
+    def _merge_padded_rows(self, x: torch.Tensor, metric: torch.Tensor, block: int,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Merge every row of the padded ``x`` (plus ``residual``) by its own count (see
+        :class:`PaddedRun`)."""
         rows, real = self.rows, self.padding
         ctx = rows.context(block, resolve_margin(self.config.margin, block, self.num_blocks),
                            real, self.sizes)
@@ -326,7 +329,7 @@ class MergeState:
             plan = self.config.algorithm.plan_rows(metric.detach(), ctx)
         self.padding = rows.real(block + 1)
         x, self.sizes, self.source = apply_row_plan(plan, x, self.sizes, real, self.padding,
-                                                    self.source)
+                                                    self.source, residual)
         return x
 
     def _merge_rows_by_length(self, x: torch.Tensor, metric: torch.Tensor, block: int,

@@ -52,3 +52,36 @@ def merge_rows_kernel(x_ptr, residual_ptr, sizes_ptr, keep_ptr, offsets_ptr, sou
         merged += share * (value - target)
     tl.store(out_ptr + row * channels + cols, merged.to(out_ptr.dtype.element_ty), mask=inside)
     tl.store(new_sizes_ptr + row, size)
+
+
+@triton.jit
+def merge_padded_rows_kernel(x_ptr, residual_ptr, sizes_ptr, order_ptr, bounds_ptr, out_ptr,
+                             new_sizes_ptr, channels, width, width_out,
+                             HAS_RESIDUAL: tl.constexpr, HAS_SIZES: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """Output place ``j`` of padded row ``b``: the size-weighted mean of its members, the row's
+    tokens ``order[b, bounds[b, j]:bounds[b, j + 1]]``, in float32; a place without members
+    (padding) is zeros of size 1."""
+    program = tl.program_id(0).to(tl.int64)
+    item = program // width_out
+    place = program % width_out
+    cols = tl.arange(0, BLOCK_C)
+    inside = cols < channels
+    first = tl.load(bounds_ptr + item * (width_out + 1) + place)
+    last = tl.load(bounds_ptr + item * (width_out + 1) + place + 1)
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    size = tl.full([], 0.0, dtype=tl.float32)
+    for k in range(first, last):
+        token = item * width + tl.load(order_ptr + item * width + k)
+        if HAS_SIZES:
+            weight = tl.load(sizes_ptr + token)
+        else:
+            weight = tl.full([], 1.0, dtype=tl.float32)
+        total += weight * _token(x_ptr, residual_ptr, token, channels, cols, inside,
+                                 HAS_RESIDUAL)
+        size += weight
+    empty = last <= first
+    merged = tl.where(empty, 0.0, total / tl.maximum(size, 1e-12))
+    tl.store(out_ptr + program * channels + cols, merged.to(out_ptr.dtype.element_ty),
+             mask=inside)
+    tl.store(new_sizes_ptr + program, tl.where(empty, 1.0, size))
