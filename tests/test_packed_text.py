@@ -325,6 +325,23 @@ def test_the_padded_layout_never_reads_the_gpu_on_the_host(monkeypatch):
     assert pitome.merge_info(model).token_counts[-1] < max(LENGTHS)
 
 
+@pytest.mark.parametrize("layout", ["padded", "by_length"])  # packed attention has no bias
+def test_the_attention_bias_is_made_once_per_merge(layout, monkeypatch):
+    from pitome.runtime.state import MergeState
+
+    made: list[int] = []
+    make = MergeState._make_bias
+    monkeypatch.setattr(MergeState, "_make_bias",
+                        lambda self, dtype: made.append(1) or make(self, dtype))
+    ids, mask = padded_batch(LENGTHS)
+    model = pitome.patch(bert(layers=6), "pitome", ratio=0.8, merge_blocks=[1],
+                         padded_layout=layout, prop_attn=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    # Blocks 0-1 read the input's padding, blocks 2-5 what block 1's merge left.
+    assert len(made) <= 2
+
+
 def test_a_bad_padded_layout_is_refused():
     with pytest.raises(ValueError, match="padded_layout must be one of .*'sideways'"):
         pitome.patch(bert(), "pitome", padded_layout="sideways")

@@ -163,15 +163,31 @@ def test_the_padded_merge_kernel_rounds_bfloat16_once():
     torch.testing.assert_close(fast.float(), reference.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_the_padded_merge_kernel_leaves_traced_sources_and_gradients_to_pytorch():
+def test_the_padded_merge_kernel_leaves_norm_rules_and_gradients_to_pytorch():
+    from pitome.core.ragged import RowPlan
     from pitome.kernels.merge import merge_padded_rows
 
     plan, x, sizes, real, real_out = row_plan_case([9, 5], 1)
-    place = torch.where(plan.slot >= 0, plan.slot, plan.target)
-    place = place.masked_fill(place < 0, real_out.shape[1])
+    width_out = real_out.shape[1]
     with kernel_backend("triton"):
-        assert merge_padded_rows(place, x, sizes, real_out.shape[1]) is not None
+        assert merge_padded_rows(plan, x, sizes, width_out) is not None
+        tofu = RowPlan(plan.slot, plan.target, max_norm=True)
+        assert merge_padded_rows(tofu, x, sizes, width_out) is None
         with torch.enable_grad():
-            assert merge_padded_rows(place, x.requires_grad_(), sizes, real_out.shape[1]) is None
+            assert merge_padded_rows(plan, x.requires_grad_(), sizes, width_out) is None
     with kernel_backend("torch"):
-        assert merge_padded_rows(place, x.detach(), sizes, real_out.shape[1]) is None
+        assert merge_padded_rows(plan, x.detach(), sizes, width_out) is None
+
+
+def test_the_padded_merge_kernel_drops_pruned_tokens():
+    from pitome.core.ragged import RowPlan
+    from pitome.runtime.padded import apply_row_plan
+
+    plan, x, sizes, real, real_out = row_plan_case([40, 17, 33], 0)
+    pruned = RowPlan(plan.slot, plan.target, drop_src=True)
+    with kernel_backend("triton"):
+        fast, fast_sizes, _ = apply_row_plan(pruned, x, sizes, real, real_out)
+    with kernel_backend("torch"):
+        reference, reference_sizes, _ = apply_row_plan(pruned, x, sizes, real, real_out)
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_sizes, reference_sizes)

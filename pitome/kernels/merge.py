@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core.plan import MergePlan
+from ..core.ragged import RowPlan
 from .backend import use_triton
 from .launch import next_power_of_2
 from .sort import argsort_rows
@@ -67,36 +68,41 @@ def sources_by_destination(plan: MergePlan, num_rows: int) -> tuple[torch.Tensor
     return offsets, plan.src_rows[order]
 
 
-def merge_padded_rows(place: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor | None,
+
+MAX_PADDED_WIDTH = 4096  # a row's plan is held in registers
+PLACES_PER_PROGRAM = 8
+
+
+def merge_padded_rows(plan: RowPlan, x: torch.Tensor, sizes: torch.Tensor | None,
                       width_out: int, residual: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``x + residual`` (``B×W×C``, padded) merged into ``B×W′×C``: output place ``j`` of row
-    ``b`` is the size-weighted mean of the row's tokens ``i`` with ``place[b, i] == j``
-    (``place`` in ``[0, W′]``; ``W′`` drops a token), a place nobody joins is zeros.
+    """``x + residual`` (``B×W×C``, padded) merged by ``plan`` into ``B×W′×C``: output place
+    ``j`` of row ``b`` is the size-weighted mean of the row's token whose slot is ``j`` and
+    the tokens whose target is (``drop_src``: no targets), a place nobody joins is zeros.
     ``sizes`` (``B×W×1``, None: ones) weigh the tokens. Returns the tokens and their
-    ``B×W′×1`` sizes (1 where nobody joins), or None where the kernel does not run.
+    ``B×W′×1`` sizes (1 where nobody joins), or None where the kernel does not run (ToFu's
+    norm rule, gradients, rows wider than ``MAX_PADDED_WIDTH``).
 
-    Sorting each row's places groups every output's members (one launch) and a search
-    finds where each group starts (another); the kernel then reads every input token once
-    and writes every output once, where the scatter of the PyTorch twin takes some ten
-    passes over float32 copies of the tokens.
+    One launch: each program reads its row's plan once, finds each output's members in it
+    and reads every member once, where the scatter of the PyTorch twin takes some ten passes
+    over float32 copies of the tokens (and a sort would be needed to group them).
     """
     operands = (x,) if residual is None else (x, residual)
-    if not use_triton(*operands, place):
+    batch, width, channels = x.shape
+    if plan.max_norm or width > MAX_PADDED_WIDTH or not use_triton(*operands):
         return None
     from .jit.merge import merge_padded_rows_kernel
 
-    batch, width, channels = x.shape
-    ordered, order = place.sort(dim=1, stable=True)
-    starts = torch.arange(width_out + 1, device=place.device).expand(batch, -1).contiguous()
-    bounds = torch.searchsorted(ordered, starts)
     x = x.contiguous()
     residual = x if residual is None else residual.to(x.dtype).contiguous()
     out = torch.empty(batch, width_out, channels, dtype=x.dtype, device=x.device)
     new_sizes = torch.empty(batch, width_out, 1, dtype=torch.float32, device=x.device)
     block = next_power_of_2(channels)
-    merge_padded_rows_kernel[(batch * width_out,)](
-        x, residual, new_sizes if sizes is None else sizes.float().contiguous(), order, bounds,
-        out, new_sizes, channels, width, width_out, HAS_RESIDUAL=residual is not x,
-        HAS_SIZES=sizes is not None, BLOCK_C=block, num_warps=max(1, min(8, block // 256)))
+    grid = (batch, -(-width_out // PLACES_PER_PROGRAM))
+    merge_padded_rows_kernel[grid](
+        x, residual, new_sizes if sizes is None else sizes.float().contiguous(),
+        plan.slot.contiguous(), plan.target.contiguous(), out, new_sizes, channels, width,
+        width_out, HAS_RESIDUAL=residual is not x, HAS_SIZES=sizes is not None,
+        DROP_SRC=plan.drop_src, PLACES=PLACES_PER_PROGRAM, BLOCK_W=next_power_of_2(width),
+        BLOCK_C=block, num_warps=max(1, min(8, block // 256)))
     return out, new_sizes

@@ -89,20 +89,25 @@ class PaddedRun:
         self.merges = [a - b for a, b in zip(self.widths, self.widths[1:])]
         self.counts = counts.table[padding.sum(dim=1)]
         self.num_prefix, self.num_blocks = num_prefix, num_blocks
+        # Every block's inputs at once, a handful of launches per forward rather than per
+        # block: each block's counts and removals as contiguous rows, and the real tokens
+        # entering every block (a view of one mask per block).
+        self._lengths = self.counts.t().contiguous()
+        self._removed = (self._lengths[:-1] - self._lengths[1:]).contiguous()
+        self._real = torch.arange(self.widths[0], device=padding.device) \
+            < self.counts.unsqueeze(-1)
 
     def real(self, block: int) -> torch.Tensor:
         """``B×W_k`` True for the real tokens entering ``block`` (``num_blocks``: leaving
         the last)."""
-        width = self.widths[block]
-        return torch.arange(width, device=self.counts.device) < self.counts[:, block, None]
+        return self._real[:, block, :self.widths[block]]
 
     def context(self, block: int, margin: float, real: torch.Tensor,
                 sizes: torch.Tensor | None) -> RaggedContext:
         """What the algorithm plans ``block``'s rows from (``sizes`` 1 on padding here, 0 in
         the context)."""
-        counts = self.counts
         return RaggedContext(
-            lengths=counts[:, block], r=counts[:, block] - counts[:, block + 1],
+            lengths=self._lengths[block], r=self._removed[block],
             num_prefix=self.num_prefix, block=block, num_blocks=self.num_blocks,
             margin=margin, real=real,
             sizes=None if sizes is None else sizes * real.unsqueeze(-1))
@@ -120,12 +125,12 @@ def apply_row_plan(plan: RowPlan, x: torch.Tensor, sizes: torch.Tensor | None,
     The merge kernel runs where it can (no sources to trace, no norm rule); this is its
     PyTorch twin."""
     batch, width_out = real_out.shape
-    place = plan.slot if plan.drop_src else torch.where(plan.slot >= 0, plan.slot, plan.target)
-    place = place.masked_fill(place < 0, width_out)  # padding and dropped tokens: a spare slot
-    if source is None and not plan.max_norm:
-        merged = merge_padded_rows(place, x, sizes, width_out, residual)
+    if source is None:
+        merged = merge_padded_rows(plan, x, sizes, width_out, residual)
         if merged is not None:
             return merged[0], merged[1], None
+    place = plan.slot if plan.drop_src else torch.where(plan.slot >= 0, plan.slot, plan.target)
+    place = place.masked_fill(place < 0, width_out)  # padding and dropped tokens: a spare slot
     if residual is not None:
         x = x + residual
     channels = x.shape[-1]

@@ -118,6 +118,7 @@ class MergeState:
         self.num_blocks = num_blocks
         self.merges = config.schedule.plan(tokens, num_prefix, num_blocks)
         self.sizes: torch.Tensor | None = None
+        self._bias: tuple | None = None
         self.rows_by_length: dict[int, tuple[torch.Tensor, list[int]]] = {}
         self.packed: PackedRun | None = None
         self.rows: PaddedRun | None = None
@@ -195,7 +196,17 @@ class MergeState:
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """Additive ``B×1×1×T`` key bias: ``log s`` (proportional attention) on real tokens,
-        the dtype's minimum on padding; None when neither applies."""
+        the dtype's minimum on padding; None when neither applies. Made once per merge: the
+        blocks between two merges read the same sizes and padding."""
+        made = self._bias
+        if made is not None and made[0] is self.sizes and made[1] is self.padding \
+                and made[2] == dtype:
+            return made[3]
+        bias = self._make_bias(dtype)
+        self._bias = (self.sizes, self.padding, dtype, bias)
+        return bias
+
+    def _make_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         bias = None
         if self.config.prop_attn and self.sizes is not None:
             bias = log_size_bias(self.sizes, dtype)

@@ -54,34 +54,47 @@ def merge_rows_kernel(x_ptr, residual_ptr, sizes_ptr, keep_ptr, offsets_ptr, sou
     tl.store(new_sizes_ptr + row, size)
 
 
+
 @triton.jit
-def merge_padded_rows_kernel(x_ptr, residual_ptr, sizes_ptr, order_ptr, bounds_ptr, out_ptr,
+def merge_padded_rows_kernel(x_ptr, residual_ptr, sizes_ptr, slot_ptr, target_ptr, out_ptr,
                              new_sizes_ptr, channels, width, width_out,
                              HAS_RESIDUAL: tl.constexpr, HAS_SIZES: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
-    """Output place ``j`` of padded row ``b``: the size-weighted mean of its members, the row's
-    tokens ``order[b, bounds[b, j]:bounds[b, j + 1]]``, in float32; a place without members
-    (padding) is zeros of size 1."""
-    program = tl.program_id(0).to(tl.int64)
-    item = program // width_out
-    place = program % width_out
+                             DROP_SRC: tl.constexpr, PLACES: tl.constexpr,
+                             BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Output places ``j, …, j + PLACES − 1`` of padded row ``b``: each the size-weighted mean
+    of its members (the token whose ``slot`` is the place and those whose ``target`` is),
+    summed in token order in float32; a place without members (padding) is zeros of size 1.
+    The row's plan is read once; each member is found as the lowest token not yet taken."""
+    item = tl.program_id(0).to(tl.int64)
+    tokens = tl.arange(0, BLOCK_W)
+    in_row = tokens < width
+    slots = tl.load(slot_ptr + item * width + tokens, mask=in_row, other=-1)
+    if not DROP_SRC:
+        targets = tl.load(target_ptr + item * width + tokens, mask=in_row, other=-1)
     cols = tl.arange(0, BLOCK_C)
     inside = cols < channels
-    first = tl.load(bounds_ptr + item * (width_out + 1) + place)
-    last = tl.load(bounds_ptr + item * (width_out + 1) + place + 1)
-    total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    size = tl.full([], 0.0, dtype=tl.float32)
-    for k in range(first, last):
-        token = item * width + tl.load(order_ptr + item * width + k)
-        if HAS_SIZES:
-            weight = tl.load(sizes_ptr + token)
-        else:
-            weight = tl.full([], 1.0, dtype=tl.float32)
-        total += weight * _token(x_ptr, residual_ptr, token, channels, cols, inside,
-                                 HAS_RESIDUAL)
-        size += weight
-    empty = last <= first
-    merged = tl.where(empty, 0.0, total / tl.maximum(size, 1e-12))
-    tl.store(out_ptr + program * channels + cols, merged.to(out_ptr.dtype.element_ty),
-             mask=inside)
-    tl.store(new_sizes_ptr + program, tl.where(empty, 1.0, size))
+    for step in range(PLACES):
+        place = tl.program_id(1) * PLACES + step
+        members = slots == place
+        if not DROP_SRC:
+            members = members | (targets == place)
+        total = tl.zeros([BLOCK_C], dtype=tl.float32)
+        size = tl.full([], 0.0, dtype=tl.float32)
+        taken = tl.full([], -1, dtype=tl.int32)
+        for _ in range(tl.sum(members.to(tl.int32))):
+            taken = tl.min(tl.where(members & (tokens > taken), tokens, BLOCK_W))
+            token = item * width + taken
+            if HAS_SIZES:
+                weight = tl.load(sizes_ptr + token)
+            else:
+                weight = tl.full([], 1.0, dtype=tl.float32)
+            total += weight * _token(x_ptr, residual_ptr, token, channels, cols, inside,
+                                     HAS_RESIDUAL)
+            size += weight
+        empty = size == 0.0
+        merged = tl.where(empty, 0.0, total / tl.maximum(size, 1e-12))
+        row = item * width_out + place
+        valid = place < width_out
+        tl.store(out_ptr + row * channels + cols, merged.to(out_ptr.dtype.element_ty),
+                 mask=inside & valid)
+        tl.store(new_sizes_ptr + row, tl.where(empty, 1.0, size), mask=valid)
