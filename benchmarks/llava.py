@@ -25,6 +25,7 @@ tokens/s (the other 31 tokens of every prompt), end-to-end generate time, the KV
 token) and peak GPU memory during generate (weights included).
 
     python benchmarks/llava.py --modes eager --json docs/llava-h200-eager.json
+    python benchmarks/llava.py --capture-tower --modes eager --batches 8   # towers replayed
     python benchmarks/llava.py --tiny          # CPU smoke run in seconds
 """
 
@@ -44,7 +45,7 @@ import torch
 
 import pitome
 from pitome.adapters.llava import STATIC_CACHE_MEMORY
-from pitome.llava import forget_static_cache, image_tokens
+from pitome.llava import capture_vision_tower, forget_static_cache, image_tokens
 
 RATIO_VARIANTS = ["pitome@0.9", "pitome@0.95", "tome@0.9", "tome@0.95"]
 COUNT_VARIANTS = [f"{algo}@{count}t" for count in (64, 128, 192)
@@ -242,6 +243,15 @@ def generate_once(model, inputs: dict, mode: str, new_tokens: int,
             if device.type == "cuda" else None}
 
 
+def capture_tower(model, inputs: dict) -> None:
+    """Replay ``model``'s vision tower as a CUDA graph and capture it for this variant with an
+    untimed one-token generate (the graph belongs to this patch, so every turn of a variant,
+    patched anew, captures again; only the current one is kept)."""
+    capture_vision_tower(model, max_graphs=1)
+    with torch.no_grad():  # a dynamic cache: the variant's static one stays as it was
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+
+
 def rotated(variants: list[Variant], round_index: int) -> list[Variant]:
     """The variants in the order round ``round_index`` runs them: each round starts one
     later, so no variant always follows the same one (whose memory it inherits)."""
@@ -323,6 +333,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (tiny 4)")
     parser.add_argument("--time-limit", type=float, default=540.0,
                         help="start no new round after this many seconds (default %(default)s)")
+    parser.add_argument("--capture-tower", action="store_true",
+                        help="every variant's vision tower replayed as CUDA graphs "
+                             "(pitome.llava.capture_vision_tower), captured before timing")
     parser.add_argument("--json", help="write the results here (refuses an existing file; "
                                        "default llava-bench-TIMESTAMP.json)")
     args = parser.parse_args(argv)
@@ -374,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                    "transformers": __import__("transformers").__version__,
                    "python": platform.python_version(), "tiny": args.tiny,
                    "text_tokens": args.text_tokens, "new_tokens": args.new_tokens,
+                   "vision_tower": "CUDA graphs" if args.capture_tower else "eager",
                    "command": " ".join(sys.argv)}
     rows: list[dict] = []
     total = args.warmup + args.rounds
@@ -392,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                     if mode not in args.modes:
                         break
                     variant.apply(model, caches)
+                    if args.capture_tower:
+                        capture_tower(model, inputs[batch])
                     try:
                         sample = generate_once(model, inputs[batch], mode, args.new_tokens,
                                                device, caches.held_bytes())

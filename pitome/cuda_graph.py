@@ -8,7 +8,9 @@ so a whole patched forward can be captured once and replayed.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -50,3 +52,107 @@ class CudaGraphForward:
         self.static_input.copy_(x)
         self.graph.replay()
         return self.static_output
+
+
+class ShapeGraphs:
+    """A module's ``forward`` replayed as CUDA graphs, one captured per input shape, where
+    that is safe; the plain forward everywhere else.
+
+    Installed by :func:`capture_forward`. A call replays a graph when its one positional
+    argument is a CUDA tensor, the others are hashable keywords, gradients are off, the module
+    is in eval mode and nothing is being compiled or captured; other calls run eagerly. The
+    first call of each shape, dtype and keyword set runs the forward twice on a side stream
+    (lazy initialisation, autotuning) and captures it. Graphs are keyed also on the merge
+    patch of ``owner`` (see :func:`pitome.patch`), so patching again captures anew; the
+    ``max_graphs`` most recently used are kept.
+
+    A replay returns the captured outputs, which the next replay of that graph overwrites:
+    use them (or clone them) before calling again.
+    """
+
+    def __init__(self, forward: Callable[..., Any], owner: torch.nn.Module | None = None,
+                 max_graphs: int = 4) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.forward, self.owner, self.max_graphs = forward, owner, max_graphs
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+
+    def __reduce__(self):  # a copy or pickle starts without graphs
+        return type(self), (self.forward, self.owner, self.max_graphs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self._key(args, kwargs)
+        if key is None:
+            return self.forward(*args, **kwargs)
+        x = args[0]
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = _Captured(self.forward, x, kwargs)
+            self.graphs[key] = captured
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        return captured(x)
+
+    def _key(self, args: tuple, kwargs: dict) -> tuple | None:
+        """What a graph of this call is captured for; None where the call must run eagerly."""
+        module = getattr(self.forward, "__self__", None)
+        x = args[0] if len(args) == 1 else None
+        if (not isinstance(x, torch.Tensor) or not x.is_cuda or torch.is_grad_enabled()
+                or getattr(module, "training", False) or torch.compiler.is_compiling()
+                or torch.cuda.is_current_stream_capturing()):
+            return None
+        try:
+            options = tuple(sorted(kwargs.items()))
+            hash(options)
+        except TypeError:
+            return None
+        from .runtime.patcher import patch_of
+
+        patch = None if self.owner is None else patch_of(self.owner)
+        return tuple(x.shape), x.dtype, x.device, options, id(patch), patch
+
+
+class _Captured:
+    """One graph of :class:`ShapeGraphs`: its input buffer, graph and outputs."""
+
+    def __init__(self, forward: Callable[..., Any], example: torch.Tensor,
+                 kwargs: dict) -> None:
+        self.input = example.detach().clone()
+        current = torch.cuda.current_stream(example.device)
+        side = named_stream("graph warm-up", example.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward(self.input, **kwargs)
+        current.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = forward(self.input, **kwargs)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        self.input.copy_(x)
+        self.graph.replay()
+        return self.output
+
+
+def capture_forward(module: torch.nn.Module, owner: torch.nn.Module | None = None,
+                    max_graphs: int = 4) -> torch.nn.Module:
+    """Make ``module`` replay its forward as CUDA graphs, one per input shape (see
+    :class:`ShapeGraphs`); returns ``module``. :func:`release_forward` undoes it."""
+    if isinstance(module.__dict__.get("forward"), ShapeGraphs):
+        return module
+    module.forward = ShapeGraphs(module.forward, owner, max_graphs)
+    return module
+
+
+def release_forward(module: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`capture_forward` (its graphs are freed); returns ``module``."""
+    graphs = module.__dict__.get("forward")
+    if isinstance(graphs, ShapeGraphs):
+        if getattr(graphs.forward, "__func__", None) is type(module).forward:
+            del module.__dict__["forward"]  # the class's own forward again
+        else:
+            module.forward = graphs.forward
+    return module

@@ -312,3 +312,59 @@ def test_the_compiled_decoding_step_traces_whole_through_the_patch(inputs):
     compiled = model.generate(**inputs, **GREEDY, cache_implementation="static",
                               compile_config=config)
     assert hasattr(model, "_compiled_call") and torch.equal(compiled, reference)
+
+
+# ----------------------------------------------------------------------------- captured tower
+def test_a_captured_tower_runs_eagerly_off_the_gpu_and_copies_without_graphs(inputs):
+    import copy
+
+    from pitome.cuda_graph import ShapeGraphs
+    from pitome.llava import capture_vision_tower, release_vision_tower
+
+    model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **GREEDY)
+    tower = model.model.vision_tower
+    capture_vision_tower(model)
+    assert isinstance(tower.__dict__["forward"], ShapeGraphs)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **GREEDY), expected)
+    assert not tower.forward.graphs  # a CPU call runs eagerly, nothing is captured
+    twin = copy.deepcopy(model)
+    twin_tower = twin.model.vision_tower
+    assert isinstance(twin_tower.__dict__["forward"], ShapeGraphs)
+    assert twin_tower.forward.forward.__self__ is twin_tower  # the copy's own forward
+    with torch.no_grad():
+        assert torch.equal(twin.generate(**inputs, **GREEDY), expected)
+    release_vision_tower(model)
+    assert "forward" not in tower.__dict__
+    with pytest.raises(ValueError, match="max_graphs must be at least 1, got 0"):
+        capture_vision_tower(model, max_graphs=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_captured_merged_tower_replays_what_it_computes_eagerly(inputs, dtype):
+    from pitome.llava import capture_vision_tower, release_vision_tower
+
+    model = pitome.patch(tiny_llava().to("cuda", dtype), "pitome", ratio=0.8)
+    prompt = {name: value.to("cuda") for name, value in inputs.items()}
+    prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
+    with torch.no_grad():
+        expected = model.generate(**prompt, **GREEDY)
+        eager = model.model.vision_tower(prompt["pixel_values"], output_hidden_states=True)
+        eager = [state.clone() for state in eager.hidden_states]
+    capture_vision_tower(model)
+    graphs = model.model.vision_tower.forward.graphs
+    with torch.no_grad():
+        for _ in range(2):  # captured, then replayed
+            replayed = model.model.vision_tower(prompt["pixel_values"],
+                                                output_hidden_states=True)
+            for got, want in zip(replayed.hidden_states, eager):
+                torch.testing.assert_close(got, want)
+        assert len(graphs) == 1
+        assert torch.equal(model.generate(**prompt, **GREEDY), expected)
+        pitome.patch(model, "tome", ratio=0.8)  # another merge: captured anew
+        model.generate(**prompt, **GREEDY)
+        assert len(graphs) >= 2
+    release_vision_tower(model)
