@@ -43,7 +43,7 @@ def test_capture_and_release_leave_an_ordinary_module():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_each_shape_is_captured_once_and_unsafe_calls_run_eagerly():
-    module = capture_forward(Scale().cuda(), max_graphs=2)
+    module = capture_forward(Scale().cuda().eval(), max_graphs=2)  # training runs eagerly
     graphs = module.forward.graphs
     x = torch.randn(3, 4, device="cuda")
     with torch.no_grad():
