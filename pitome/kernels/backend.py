@@ -64,13 +64,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     onnxruntime, on another device).
     """
     choice = _chosen()
-    if choice == "torch" or torch.compiler.is_exporting():
+    on_gpu = all(t.is_cuda for t in tensors)
+    if choice == "torch" or choice == "auto" and not (on_gpu and _TRITON_INSTALLED):
+        return False  # the common answers first: this runs several times per merging block
+    if torch.compiler.is_exporting():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    on_gpu = all(t.is_cuda for t in tensors)
     if choice == "auto":
-        return on_gpu and triton_available()
+        return True
     if not triton_available():
         raise RuntimeError("PITOME_KERNELS=triton needs Triton: pip install triton")
     if not on_gpu and not interpreting():
