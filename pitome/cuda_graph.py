@@ -60,9 +60,10 @@ class ShapeGraphs:
 
     Installed by :func:`capture_forward`. A call replays a graph when its one positional
     argument is a CUDA tensor, the others are hashable keywords, gradients are off, the module
-    is in eval mode and nothing is being compiled or captured; other calls run eagerly. The
-    first call of each shape, dtype and keyword set runs the forward twice on a side stream
-    (lazy initialisation, autotuning) and captures it. Graphs are keyed also on the merge
+    is in eval mode and nothing is being compiled, captured or watched by a dispatch mode
+    (such as a FLOP counter); other calls run eagerly. The first call of each shape, dtype
+    and keyword set runs the forward twice on a side stream (lazy initialisation,
+    autotuning) and captures it. Graphs are keyed also on the merge
     patch of ``owner`` (see :func:`pitome.patch`), so patching again captures anew; the
     ``max_graphs`` most recently used are kept.
 
@@ -95,13 +96,21 @@ class ShapeGraphs:
             self.graphs.move_to_end(key)
         return captured(x)
 
+    def must_run_eagerly(self) -> bool:
+        """Whether a call now must run the plain forward whatever its input: gradients on,
+        the module training, ``torch.compile`` tracing, a capture in progress, or a
+        dispatch mode watching the operators (a FLOP counter would see none replayed)."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        module = getattr(self.forward, "__self__", None)
+        return (torch.is_grad_enabled() or bool(getattr(module, "training", False))
+                or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
+
     def _key(self, args: tuple, kwargs: dict) -> tuple | None:
         """What a graph of this call is captured for; None where the call must run eagerly."""
-        module = getattr(self.forward, "__self__", None)
         x = args[0] if len(args) == 1 else None
-        if (not isinstance(x, torch.Tensor) or not x.is_cuda or torch.is_grad_enabled()
-                or getattr(module, "training", False) or torch.compiler.is_compiling()
-                or torch.cuda.is_current_stream_capturing()):
+        if not isinstance(x, torch.Tensor) or not x.is_cuda or self.must_run_eagerly():
             return None
         try:
             options = tuple(sorted(kwargs.items()))

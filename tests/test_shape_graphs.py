@@ -60,3 +60,17 @@ def test_on_cuda_each_shape_is_captured_once_and_unsafe_calls_run_eagerly():
     with torch.no_grad():
         module(torch.randn(7, 4, device="cuda"))
     assert len(graphs) == 2
+
+
+def test_graphs_wait_for_inference_in_eval_mode_with_nobody_watching():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = capture_forward(Scale().eval())
+    graphs = module.forward
+    assert graphs.must_run_eagerly()  # gradients on
+    with torch.no_grad():
+        assert not graphs.must_run_eagerly()
+        with FlopCounterMode(display=False):  # a replay would hide every operator from it
+            assert graphs.must_run_eagerly()
+        module.train()
+        assert graphs.must_run_eagerly()
