@@ -68,7 +68,6 @@ def sources_by_destination(plan: MergePlan, num_rows: int) -> tuple[torch.Tensor
     return offsets, plan.src_rows[order]
 
 
-
 MAX_PADDED_WIDTH = 4096  # a row's plan is held in registers
 PLACES_PER_PROGRAM = 8
 
