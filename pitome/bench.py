@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -17,6 +17,13 @@ from .cuda_graph import CudaGraphForward
 
 BASELINE = "none"
 ORACLE = "oracle"
+MODES = ("eager", "compile", "cuda-graph")
+# How to run a model the way each mode measured it.
+HOW_TO_RUN = {
+    "eager": "call the patched model as it is",
+    "compile": "torch.compile(model) (or mode=\"reduce-overhead\" for CUDA graphs inside)",
+    "cuda-graph": "pitome.cuda_graph.CudaGraphForward(model, example_batch)",
+}
 # A row whose host needs this much of the forward's time to launch it measures the host:
 # the GPU waits for kernels rather than running them (eager mode at small batches).
 HOST_BOUND = 0.8
@@ -38,6 +45,7 @@ class BenchRow:
     forward_ms: float
     peak_memory_mib: float | None = None
     host_ms: float | None = None
+    mode: str = "eager"
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -266,6 +274,43 @@ def benchmark(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
     return rows
 
 
+def benchmark_modes(model: nn.Module, algos: Sequence[str], ratio: float, batch: int,
+                    device: torch.device, dtype: torch.dtype, modes: Sequence[str],
+                    **options) -> list[BenchRow]:
+    """:func:`benchmark` once per mode of ``modes`` (see ``MODES``: eager, ``torch.compile``
+    in its default mode, CUDA-graph replay); every row says its mode, and its speedup is
+    against the first of ``algos`` in the same mode."""
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"modes {list(modes)!r}: choose from {', '.join(MODES)}")
+    if "cuda-graph" in modes and device.type != "cuda":
+        raise ValueError(f"the cuda-graph mode needs a CUDA device, not {device}")
+    rows: list[BenchRow] = []
+    for mode in modes:
+        measured = benchmark(model, algos, ratio, batch, device, dtype,
+                             cuda_graph=mode == "cuda-graph", compile=mode == "compile",
+                             **options)
+        rows += [replace(row, mode=mode) for row in measured]
+    return rows
+
+
+def recommendation(rows: Sequence[BenchRow]) -> str | None:
+    """Which way of running the fastest merged row's algorithm to use, and how; None when
+    no row merges."""
+    merged = [row for row in rows if row.algo not in (BASELINE, ORACLE)]
+    if not merged:
+        return None
+    best = max(merged, key=lambda row: row.images_per_s)
+    line = (f"fastest here: {best.algo} in {best.mode} mode, {best.images_per_s:.1f} img/s "
+            f"({best.speedup:.2f}x the unmerged model run the same way)")
+    unmerged = [row for row in rows if row.algo == BASELINE]
+    if unmerged:
+        fastest_unmerged = max(unmerged, key=lambda row: row.images_per_s)
+        line += (f", {best.images_per_s / fastest_unmerged.images_per_s:.2f}x the fastest "
+                 f"unmerged row ({fastest_unmerged.mode})")
+    return f"{line}. To run it so: {HOW_TO_RUN[best.mode]}."
+
+
 def inference_run(forward: Callable[[torch.Tensor], torch.Tensor],
                   images: torch.Tensor) -> Callable[[], None]:
     """``forward(images)`` under inference mode, as a call of no arguments to time."""
@@ -278,10 +323,16 @@ def inference_run(forward: Callable[[torch.Tensor], torch.Tensor],
 
 def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
     """A plain-text table of ``rows`` under a one-line description of the setup."""
-    header = ("algo", "ratio", "tokens out", "GFLOPs", "merge GFLOPs", "img/s", "speedup")
+    header: tuple[str, ...] = ("algo", "ratio", "tokens out", "GFLOPs", "merge GFLOPs",
+                               "img/s", "speedup")
     lines = [[row.algo, f"{row.ratio:g}", str(row.tokens_out), f"{row.gflops:.2f}",
               f"{row.merge_gflops:.3f}", f"{row.images_per_s:.1f}", f"{row.speedup:.2f}x"]
              for row in rows]
+    modes = {row.mode for row in rows}
+    if len(modes) > 1:
+        header = header[:1] + ("mode",) + header[1:]
+        for line, row in zip(lines, rows):
+            line.insert(1, row.mode)
     if all(row.peak_memory_mib is not None for row in rows):
         header += ("peak MiB",)
         for line, row in zip(lines, rows):
@@ -296,13 +347,17 @@ def format_table(rows: Sequence[BenchRow], setup: BenchSetup) -> str:
         return "  ".join(cell.rjust(width) if i else cell.ljust(width)
                          for i, (cell, width) in enumerate(zip(cells, widths)))
 
-    graph = ", CUDA graphs" if setup.cuda_graph else ""
+    graph = ", CUDA graphs" if setup.cuda_graph or modes == {"cuda-graph"} else ""
     title = (f"{setup.model} ({setup.weights}) on {setup.device}, {setup.dtype}, "
              f"batch {setup.batch}{graph}; GFLOPs are multiply-accumulates per image")
     rule = "-" * len(render(header))
     table = [title, render(header), rule, *map(render, lines)]
     if any(row.host_bound for row in rows):
-        table.append(host_bound_note(setup.cuda_graph))
+        table.append(host_bound_note(setup.cuda_graph or "cuda-graph" in modes))
+    if len(modes) > 1:
+        advice = recommendation(rows)
+        if advice is not None:
+            table.append(advice)
     return "\n".join(table)
 
 

@@ -54,8 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--oracle", action="store_true",
                        help="add the token-slicing oracle: the same schedule with zero merge "
                             f"cost, the speed limit of merging ({METHOD_DOC} §9)")
+    bench.add_argument("--modes", metavar="LIST",
+                       help="comma-separated ways to run every variant: eager, compile "
+                            "(torch.compile), cuda-graph (replayed); the table then says which "
+                            "to use (default: all three on CUDA, eager elsewhere)")
     bench.add_argument("--cuda-graph", action="store_true",
-                       help="replay every variant as a CUDA graph (removes launch overhead)")
+                       help="replay every variant as a CUDA graph (removes launch overhead); "
+                            "the same as --modes cuda-graph")
     bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     command("algorithms", help="list the registered merging algorithms")
@@ -115,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSetup, benchmark, format_table, pick_device, pick_dtype
+    from .bench import BenchSetup, benchmark_modes, format_table, pick_device, pick_dtype
 
     algos = algorithm_list(args.algos, extra=("none", "oracle"))
     device = pick_device(args.device)
@@ -123,8 +128,7 @@ def run_bench(args: argparse.Namespace) -> int:
     batch = args.batch_size or (256 if device.type == "cuda" else 8)
     if args.oracle and "oracle" not in algos:
         algos.insert(1 if algos[:1] == ["none"] else 0, "oracle")
-    if args.cuda_graph and device.type != "cuda":
-        raise UsageError(f"--cuda-graph needs a CUDA device, not {device}")
+    modes = bench_modes(args, device)
 
     weights = weights_label(args)
     model = _model(args)
@@ -132,15 +136,40 @@ def run_bench(args: argparse.Namespace) -> int:
                        batch=batch, weights=weights, cuda_graph=args.cuda_graph)
     progress = None if args.json else (
         lambda algo: print(f"timing {algo} ...", file=sys.stderr, flush=True))
-    rows = benchmark(model, algos, args.ratio, batch, device, dtype, warmup=args.warmup,
-                     repeats=args.repeats, progress=progress, cuda_graph=args.cuda_graph,
-                     rounds=args.rounds)
+    rows = benchmark_modes(model, algos, args.ratio, batch, device, dtype, modes,
+                           warmup=args.warmup, repeats=args.repeats, progress=progress,
+                           rounds=args.rounds)
     if args.json:
-        print(json.dumps({"setup": setup.__dict__, "rows": [row.as_dict() for row in rows],
+        print(json.dumps({"setup": {**setup.__dict__, "modes": modes},
+                          "rows": [row.as_dict() for row in rows],
                           "torch": torch.__version__}, indent=2))
     else:
         print(format_table(rows, setup))
     return 0
+
+
+def bench_modes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The modes ``pitome bench`` runs: ``--modes``, else ``--cuda-graph``'s one, else all
+    three on CUDA and eager elsewhere."""
+    from .bench import MODES
+
+    if args.modes is not None and args.cuda_graph:
+        raise UsageError("give --modes or --cuda-graph, not both")
+    if args.modes is None:
+        if args.cuda_graph and device.type != "cuda":
+            raise UsageError(f"--cuda-graph needs a CUDA device, not {device}")
+        if args.cuda_graph:
+            return ["cuda-graph"]
+        return list(MODES) if device.type == "cuda" else ["eager"]
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise UsageError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise UsageError(f"--modes {args.modes!r} names a mode more than once")
+    if "cuda-graph" in modes and device.type != "cuda":
+        raise UsageError(f"--modes cuda-graph needs a CUDA device, not {device}")
+    return modes
 
 
 def _model(args: argparse.Namespace):
