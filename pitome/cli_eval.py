@@ -106,6 +106,9 @@ def add_eval_parser(commands: argparse._SubParsersAction,
     vqa.add_argument("--compile", action="store_true",
                      help="on a GPU, compile the decoding step (static KV cache, CUDA graphs); "
                           "each new batch shape compiles once")
+    vqa.add_argument("--eager-tower", action="store_true",
+                     help="run the vision tower eagerly on a GPU (by default it is replayed as "
+                          "CUDA graphs, pitome.llava.capture_vision_tower: a faster first token)")
     common(vqa, default_algos="none,pitome")
 
 

@@ -180,11 +180,15 @@ def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(input
     from pitome.tasks.vqa import VQAEvaluation
 
     model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
-    options = {}
+    options, captured = {}, {}
     for device, compiled in (("cpu", False), ("cuda", False), ("cuda", True)):
         task = VQAEvaluation(model, processor(), [], Processes(device=torch.device(device)),
                              max_new_tokens=5, compiled=compiled)
         options[device, compiled] = task.generation_options()
+        captured[device] = task.capture_tower
+    assert captured == {"cpu": False, "cuda": True}  # the tower is replayed on GPUs only
+    assert not VQAEvaluation(model, processor(), [], Processes(device=torch.device("cuda")),
+                             capture_tower=False).capture_tower
     assert "cache_implementation" not in options["cpu", False]
     assert options["cuda", False]["cache_implementation"] == "static"
     assert options["cuda", False]["disable_compile"]

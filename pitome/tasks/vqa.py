@@ -91,7 +91,9 @@ class VQAEvaluation:
     Prompts go to the model as the processor makes them (a patched model fits the image
     placeholders itself). On a GPU answers are generated with a static KV cache sized to
     each batch's prompt, and with ``compiled`` the decoding step is compiled (transformers'
-    ``torch.compile`` of the forward, CUDA graphs); elsewhere with the dynamic cache.
+    ``torch.compile`` of the forward, CUDA graphs); elsewhere with the dynamic cache. On a
+    GPU the vision tower is replayed as CUDA graphs (``capture_tower``; see
+    :func:`pitome.llava.capture_vision_tower`), captured anew for every cell.
     """
 
     columns = (("accuracy", "accuracy %", ".2f"), ("image_tokens", "image tokens", "d"),
@@ -101,7 +103,8 @@ class VQAEvaluation:
 
     def __init__(self, model: nn.Module, processor, questions: list[Question], processes,
                  batch_size: int = 8, max_new_tokens: int = 16, dtype: torch.dtype | None = None,
-                 title: str = "", setup: dict | None = None, compiled: bool = False) -> None:
+                 title: str = "", setup: dict | None = None, compiled: bool = False,
+                 capture_tower: bool = True) -> None:
         if not hasattr(model, "generate") or not hasattr(model.config, "image_token_id"):
             raise ValueError(f"{type(model).__name__} is not a LLaVA-style generator")
         processor.tokenizer.padding_side = "left"
@@ -109,6 +112,7 @@ class VQAEvaluation:
         self.processes, self.batch_size = processes, batch_size
         self.max_new_tokens, self.dtype = max_new_tokens, dtype
         self.compiled = compiled
+        self.capture_tower = capture_tower and processes.device.type == "cuda"
         self.title, self.setup = title, {"questions": len(questions), **(setup or {})}
 
     def _inputs(self, questions: list[Question]) -> tuple[dict | None, list[bool]]:
@@ -139,12 +143,14 @@ class VQAEvaluation:
         return self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def __call__(self, cell) -> dict:
-        from ..llava import forget_static_cache, image_tokens
+        from ..llava import capture_vision_tower, forget_static_cache, image_tokens
         from ..analysis.flops import counted_flops
         from .runner import apply_cell, evaluate_shard
 
         apply_cell(self.model, cell)
         forget_static_cache(self.model)  # a cell's static cache fits its own prompts
+        if self.capture_tower:
+            capture_vision_tower(self.model)
         result = evaluate_shard(self.processes, self.questions, self.batch_size, cell.key,
                                 self._step)
         if result is None:
@@ -181,7 +187,9 @@ def build_vqa_evaluation(args, processes, dtype) -> VQAEvaluation:
     questions = read_questions(args.data, args.images, args.limit)
     title = (f"{args.model} on {len(questions)} questions of {Path(args.data).name}; GFLOPs = "
              "multiply-accumulates of the first question's prompt pass")
+    captured = not args.eager_tower and processes.device.type == "cuda"
     return VQAEvaluation(model, processor, questions, processes, args.batch_size,
                          args.max_new_tokens, dtype, title,
-                         {"max_new_tokens": args.max_new_tokens, "compile": args.compile},
-                         compiled=args.compile)
+                         {"max_new_tokens": args.max_new_tokens, "compile": args.compile,
+                          "vision_tower": "CUDA graphs" if captured else "eager"},
+                         compiled=args.compile, capture_tower=captured)
