@@ -167,6 +167,22 @@ def test_torch_compile_fullgraph(algo):
         torch.testing.assert_close(compiled(x), eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("algo", ALGOS)
+def test_torch_compile_with_a_dynamic_batch_makes_one_graph(algo):
+    from torch._dynamo.utils import counters
+
+    model = build("vit")
+    pitome.patch(model, algo=algo, ratio=0.8)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            x = images(batch)
+            torch.testing.assert_close(compiled(x), outputs(model, x), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # no recompile per batch size
+
+
 def test_r_schedule_and_merge_blocks():
     model = build("vit")
     pitome.patch(model, algo="tome", r=5, merge_blocks=[1, 3])

@@ -53,6 +53,9 @@ class PiToMe(Algorithm):
             raise ValueError(f"pool must be at least 1 (the paper's 2r tokens), got {pool}")
         self.energy, self.split, self.pool, self.alpha = energy, split, pool, alpha
         self.size_weighted = size_weighted
+        # Decided here, not per call: torch.compile(dynamic=True) traces float attributes as
+        # symbols, and math.isinf of a symbol breaks the graph.
+        self.pools_all = math.isinf(pool)
 
     def __call__(self, metric: torch.Tensor, ctx: MergeContext) -> MergePlan:
         mergeable = metric[:, ctx.num_prefix:]
@@ -60,7 +63,7 @@ class PiToMe(Algorithm):
         if self.size_weighted and ctx.sizes is not None:
             weights = ctx.sizes[:, ctx.num_prefix:, 0]
         tokens = mergeable.shape[1]
-        pooled = tokens if math.isinf(self.pool) else min(tokens, int(round(2 * ctx.r * self.pool)))
+        pooled = tokens if self.pools_all else min(tokens, int(round(2 * ctx.r * self.pool)))
         if ctx.padding is None:
             options = EnergyOptions(ctx.margin, self.energy, self.alpha, weights)
             return energy_bipartite_merge(mergeable, ctx.r, ctx.num_prefix, options, pooled,

@@ -95,6 +95,15 @@ class MergeInfo:
     padding: torch.Tensor | None = None
 
 
+@torch.compiler.assume_constant_result
+def schedule_plan(schedule: TokenSchedule, tokens: int, num_prefix: int,
+                  num_blocks: int) -> list[int]:
+    """``schedule.plan(...)``, which ``torch.compile`` takes as a constant: for a fixed token
+    count (a plain int, not a symbol) the plan is fixed, and traced it would turn the
+    schedule's float ratio into a symbol under ``dynamic=True`` (breaking a full graph)."""
+    return schedule.plan(tokens, num_prefix, num_blocks)
+
+
 class MergeState:
     """The running state of one forward pass, handed explicitly from block to block.
 
@@ -116,7 +125,8 @@ class MergeState:
         self.config = config
         self.num_prefix = num_prefix
         self.num_blocks = num_blocks
-        self.merges = config.schedule.plan(tokens, num_prefix, num_blocks)
+        self.merges = schedule_plan(config.schedule, tokens, num_prefix, num_blocks) \
+            if isinstance(tokens, int) else config.schedule.plan(tokens, num_prefix, num_blocks)
         self.sizes: torch.Tensor | None = None
         self._bias: tuple | None = None
         self.rows_by_length: dict[int, tuple[torch.Tensor, list[int]]] = {}
