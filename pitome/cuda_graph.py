@@ -8,6 +8,7 @@ so a whole patched forward can be captured once and replayed.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,15 +36,8 @@ class CudaGraphForward:
         if example.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
         self.static_input = example.detach().clone()
-        side = named_stream("graph warm-up", example.device)
-        side.wait_stream(torch.cuda.current_stream(example.device))
-        with torch.cuda.stream(side), torch.inference_mode():
-            for _ in range(warmup):
-                forward(self.static_input)
-        torch.cuda.current_stream(example.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.static_output = forward(self.static_input)
+        self.graph, self.static_output = _record(forward, self.static_input, warmup,
+                                                 torch.inference_mode)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape != self.static_input.shape or x.dtype != self.static_input.dtype:
@@ -52,6 +46,24 @@ class CudaGraphForward:
         self.static_input.copy_(x)
         self.graph.replay()
         return self.static_output
+
+
+def _record(call: Callable[[torch.Tensor], Any], static_input: torch.Tensor, warmup: int,
+            mode: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+            ) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``call(static_input)`` run ``warmup`` times on a side stream (lazy initialisation,
+    autotuning), then captured, all inside ``mode()``: the graph and its output buffers."""
+    current = torch.cuda.current_stream(static_input.device)
+    side = named_stream("graph warm-up", static_input.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side), mode():
+        for _ in range(warmup):
+            call(static_input)
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with mode(), torch.cuda.graph(graph):
+        output = call(static_input)
+    return graph, output
 
 
 class ShapeGraphs:
@@ -129,16 +141,7 @@ class _Captured:
     def __init__(self, forward: Callable[..., Any], example: torch.Tensor,
                  kwargs: dict) -> None:
         self.input = example.detach().clone()
-        current = torch.cuda.current_stream(example.device)
-        side = named_stream("graph warm-up", example.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward(self.input, **kwargs)
-        current.wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = forward(self.input, **kwargs)
+        self.graph, self.output = _record(lambda x: forward(x, **kwargs), self.input, 2)
 
     def __call__(self, x: torch.Tensor) -> Any:
         self.input.copy_(x)
