@@ -113,7 +113,9 @@ class VQAEvaluation:
         self.max_new_tokens, self.dtype = max_new_tokens, dtype
         self.compiled = compiled
         self.capture_tower = capture_tower and processes.device.type == "cuda"
-        self.title, self.setup = title, {"questions": len(questions), **(setup or {})}
+        self.title, self.setup = title, {
+            "questions": len(questions), **(setup or {}),
+            "vision_tower": "CUDA graphs" if self.capture_tower else "eager"}
 
     def _inputs(self, questions: list[Question]) -> tuple[dict | None, list[bool]]:
         from .runner import read_pictures
@@ -187,9 +189,7 @@ def build_vqa_evaluation(args, processes, dtype) -> VQAEvaluation:
     questions = read_questions(args.data, args.images, args.limit)
     title = (f"{args.model} on {len(questions)} questions of {Path(args.data).name}; GFLOPs = "
              "multiply-accumulates of the first question's prompt pass")
-    captured = not args.eager_tower and processes.device.type == "cuda"
     return VQAEvaluation(model, processor, questions, processes, args.batch_size,
                          args.max_new_tokens, dtype, title,
-                         {"max_new_tokens": args.max_new_tokens, "compile": args.compile,
-                          "vision_tower": "CUDA graphs" if captured else "eager"},
-                         compiled=args.compile, capture_tower=captured)
+                         {"max_new_tokens": args.max_new_tokens, "compile": args.compile},
+                         compiled=args.compile, capture_tower=not args.eager_tower)
