@@ -163,32 +163,19 @@ def _check_schedule_fields(path: Path, r: Any, ratio: Any) -> None:
 class StepSpace:
     """What the search needs of a schedule space whose schedules are whole steps per block
     (a list, one per block): their cost in MACs, and moves that keep them within a budget.
-    Subclasses give ``blocks``, ``mergeable_blocks``, :meth:`cost`, :meth:`clamp`,
-    :meth:`most_merged`, :meth:`shape`, :meth:`describe` and :meth:`patch_arguments`."""
+    Subclasses give the members declared here: ``cost`` of a schedule, ``clamp`` (each
+    block cut to what it can take), the ``most_merged`` schedule, the simple ``shape`` of a
+    name within a budget (or None), and ``describe``: the schedule as it is recorded and as
+    ``pitome.patch`` takes it, ``{"r": [...]}`` or ``{"ratio": [...]}``."""
 
     blocks: int
     mergeable_blocks: tuple[int, ...]
     shape_names: tuple[str, ...] = SHAPES
-
-    def cost(self, steps: Sequence[int]) -> int:
-        raise NotImplementedError
-
-    def clamp(self, steps: Sequence[int]) -> list[int]:
-        raise NotImplementedError
-
-    def most_merged(self) -> list[int]:
-        raise NotImplementedError
-
-    def shape(self, name: str, budget: int) -> list[int] | None:
-        raise NotImplementedError
-
-    def describe(self, steps: Sequence[int]) -> dict[str, list]:
-        """The schedule as it is recorded: ``{"r": [...]}`` or ``{"ratio": [...]}``."""
-        raise NotImplementedError
-
-    def patch_arguments(self, steps: Sequence[int]) -> dict[str, list]:
-        """The schedule as ``pitome.patch`` takes it."""
-        return self.describe(steps)
+    cost: Callable[[Sequence[int]], int]
+    clamp: Callable[[Sequence[int]], list[int]]
+    most_merged: Callable[[], list[int]]
+    shape: Callable[[str, int], list[int] | None]
+    describe: Callable[[Sequence[int]], dict[str, list]]
 
     @property
     def unmerged(self) -> int:
@@ -770,7 +757,7 @@ class _Search:
         return self.evaluations >= self.max_evaluations
 
     def _evaluate(self, objective: Objective, r: Sequence[int]) -> float:
-        patch(self.model, self.algo, **self.space.patch_arguments(r), **self.options)
+        patch(self.model, self.algo, **self.space.describe(r), **self.options)
         loss = objective.losses().mean().item()
         self.evaluations += 1
         if self.bar is not None:
