@@ -61,15 +61,10 @@ def load_text_encoder(name: str) -> tuple[nn.Module, object]:
 
 def read_texts(path: str | Path, text_column: str = "sentence") -> list[str]:
     """The texts of a TSV/CSV file's ``text_column`` (other columns, labels too, unread)."""
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no text file at {path}")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
-                                   if delimiter == "\t" else csv.QUOTE_MINIMAL))
+    rows = [row for row, _ in _table_rows(path)]
     if not rows:
         raise ValueError(f"{path} holds no texts")
     if text_column not in rows[0]:
@@ -97,22 +92,27 @@ def length_sorted_batches(tokenizer, texts: Sequence[str], batch_size: int,
     return batches
 
 
+def _table_rows(path: Path) -> list[tuple[dict[str, str], int]]:
+    """The rows of a TSV (``.tsv``, ``.txt``; unquoted) or CSV file as dicts by column,
+    each with the line it ends on."""
+    import csv
+
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
+                                if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        return [(row, reader.line_num) for row in reader]
+
+
 def read_labelled_text(source: str, text_column: str = "sentence", label_column: str = "label",
                        limit: int | None = None) -> tuple[list[str], list[int]]:
     """Texts and integer labels from a TSV/CSV file, or ``NAME[/CONFIG]:SPLIT`` of the
     Hugging Face hub (needs the ``datasets`` package and a reachable hub)."""
     path = Path(source)
     if path.is_file():
-        import csv
-
-        delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE
-                                    if delimiter == "\t" else csv.QUOTE_MINIMAL)
-            rows, lines = [], []
-            for row in reader:
-                rows.append(row)
-                lines.append(f"{source}:{reader.line_num}")
+        table = _table_rows(path)
+        rows = [row for row, _ in table]
+        lines = [f"{source}:{line}" for _, line in table]
     elif ":" in source and not path.suffix:
         datasets = require("datasets", "hub")
         name, split = source.rsplit(":", 1)
