@@ -237,4 +237,3 @@ def fit_inside(model: nn.Module, patch: Patch) -> None:
     forget_static_cache(model)
     patch.hook(model.register_forward_pre_hook(FitPlaceholders(), with_kwargs=True))
     patch.set(model, "generate", FittedGenerate(model))
-

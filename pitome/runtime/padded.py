@@ -20,6 +20,7 @@ from ..core.ragged import RaggedContext, RowPlan
 from ..core.schedule import TokenSchedule, token_counts
 from ..kernels.merge import merge_padded_rows
 
+
 class Counts(NamedTuple):
     """The token counts of every sentence length a padded width allows (see
     :func:`padded_counts`)."""
