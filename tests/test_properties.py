@@ -174,6 +174,16 @@ def _not_none(value: Any) -> bool:
     return value is not None
 
 
+def _not_a_keep_ratio_list(value: Any) -> bool:
+    """False for JUNK that is a valid per-block ``ratio`` ([0.9], (0.9,), a 1-d tensor or
+    array of keep ratios)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim != 1 or not len(value)
+    if isinstance(value, (list, tuple)) and value:
+        return not all(isinstance(v, float) and 0.5 <= v <= 1.0 for v in value)
+    return True
+
+
 # --- per-argument strategies ----------------------------------------------------------------
 
 def ratios(valid: bool | None = None) -> st.SearchStrategy[Arg]:
@@ -187,7 +197,7 @@ def ratios(valid: bool | None = None) -> st.SearchStrategy[Arg]:
     bad = st.one_of(
         anything.filter(lambda a: not a.ok), integers.filter(lambda a: not a.ok),
         booleans_of_every_kind().map(lambda v: Arg(v, False)),
-        JUNK.filter(_not_none).map(lambda v: Arg(v, False)),
+        JUNK.filter(_not_none).filter(_not_a_keep_ratio_list).map(lambda v: Arg(v, False)),
         st.sampled_from([Fraction(1, 3), Fraction(3, 2), 10 ** 400, -10 ** 400]).map(
             lambda v: Arg(v, False)))
     good = st.one_of(in_range, st.just(Arg(1, True, 1.0)), st.just(Arg(np.int64(1), True, 1.0)),
@@ -725,8 +735,11 @@ def oracle(call: Call, trial: Trial, tokens: int | None = None,
         r = None
     if ratio is None and r is None:
         ratio = 0.9
+    # a per-block r list is a whole schedule: the model's default merge_blocks do not apply
+    per_block = r is not None and isinstance(a["r"].value, (list, tuple, range)) \
+        and r[0] == "list"
     blocks = a["merge_blocks"].meaning if a["merge_blocks"].value is not OMIT else \
-        find_adapter(model).merge_blocks_for(model)
+        find_adapter(model).merge_blocks_for(model, per_block=per_block)
     count_prefix = a["count_prefix"].meaning
     if count_prefix is None:
         count_prefix = False if isinstance(algo, Algorithm) else \
