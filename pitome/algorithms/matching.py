@@ -7,6 +7,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from ..kernels.backend import use_triton
 from ..kernels.bipartite import bipartite_plan, energy_bipartite_plan, set_tokens
 from ..kernels.energy import EnergyOptions, token_energy, tokens_by_energy
 from ..kernels.ragged import ragged_plan
@@ -59,7 +60,20 @@ def bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
     a_idx = set_tokens(*set_a, order, batch, metric.device)
     b_idx = set_tokens(*set_b, order, batch, metric.device)
     protected = order[:, pooled:] if order is not None and pooled < tokens else None
-    return match_top_edges(head_mean(metric), a_idx, b_idx, r, num_prefix, protected, padding)
+    metric = head_mean(metric)
+    best = None
+    if order is None and padding is None and not use_triton(metric):
+        # sets in token order: their rows by slicing, not gathers (a GPU runs a kernel)
+        unit = unit_rows(metric)
+        scores = strided(unit, set_a) @ strided(unit, set_b).transpose(-1, -2)
+        best = scores.max(dim=-1)
+    return match_top_edges(metric, a_idx, b_idx, r, num_prefix, protected, padding, best)
+
+
+def strided(x: torch.Tensor, places: TokenSet) -> torch.Tensor:
+    """The ``B×count×d`` rows ``first + step·i`` of ``x``, as a view."""
+    first, step, count = places
+    return x[:, first:first + step * count:step] if count else x[:, :0]
 
 
 def energy_bipartite_merge(metric: torch.Tensor, r: int, num_prefix: int,
@@ -91,16 +105,20 @@ def forbid_padding_pairs(scores: torch.Tensor, padding: torch.Tensor | None,
 
 def match_top_edges(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, r: int,
                     num_prefix: int, protected: torch.Tensor | None = None,
-                    padding: torch.Tensor | None = None) -> MergePlan:
+                    padding: torch.Tensor | None = None,
+                    best: tuple[torch.Tensor, torch.Tensor] | None = None) -> MergePlan:
     """Bipartite soft matching (ToMe, Bolya et al. 2023, §3).
 
     Every token of set A proposes its most similar token of set B; the ``r`` proposals with
     the highest cosine similarity merge, the other A tokens stay. ``metric`` holds the
     metrics of the non-prefix tokens; indices are relative to them. ``protected`` tokens
     take part in nothing and pass unchanged. When ``|A| = r`` every A token merges, which is
-    PiToMe's rule (docs/method.md §4 step 3).
+    PiToMe's rule (docs/method.md §4 step 3). ``best``: each A token's best score and B
+    partner, where the caller has them.
     """
-    if padding is None:
+    if best is not None:
+        best_score, best_b = best
+    elif padding is None:
         best_score, best_b = best_partner(metric, a_idx, b_idx)
     else:
         scores = forbid_padding_pairs(pair_scores(metric, a_idx, b_idx), padding[:, num_prefix:],

@@ -130,23 +130,28 @@ class MergePlan:
         if sizes is None and self.weights is not None:
             sizes = x.new_ones(x.shape[0], x.shape[1], 1, dtype=torch.float32)
         out = self.apply(x, "drop")
-        if sizes is None:
-            new_sizes = self._group_sizes(x.shape[0], x.device)
-        else:
-            new_sizes = self.apply(sizes, "sum")
         if self.drop_src or self.src.shape[1] == 0:
-            return out, new_sizes
+            return out, (self._group_sizes(x.shape[0], x.device) if sizes is None
+                         else self.apply(sizes, "sum"))
         channels = x.shape[-1]
         out_rows = out.view(-1, channels)
         moving = x.reshape(-1, channels).index_select(0, self.src_rows)
         target = out_rows.index_select(0, self.dst_rows)
         if sizes is None:
+            new_sizes = self._group_sizes(x.shape[0], x.device)
             weight = new_sizes.view(-1, 1).index_select(0, self.dst_rows).reciprocal()
-        else:
-            pool = sizes if self.weights is None else sizes * self.weights.float()
-            new_pool = new_sizes if self.weights is None else self.apply(pool, "sum")
-            weight = (pool.reshape(-1, 1).index_select(0, self.src_rows)
-                      / new_pool.view(-1, 1).index_select(0, self.dst_rows))
+        else:  # each size row read once: the sources' sizes are both summed and weights
+            size_rows = sizes.reshape(-1, 1)
+            moving_sizes = size_rows.index_select(0, self.src_rows)
+            new_size_rows = size_rows.index_select(0, self.keep_rows).index_add_(
+                0, self.dst_rows, moving_sizes)
+            new_sizes = new_size_rows.view(x.shape[0], self.num_out, 1)
+            if self.weights is None:
+                weight = moving_sizes / new_size_rows.index_select(0, self.dst_rows)
+            else:
+                pool = sizes * self.weights.float()
+                weight = (pool.reshape(-1, 1).index_select(0, self.src_rows)
+                          / self.apply(pool, "sum").view(-1, 1).index_select(0, self.dst_rows))
         if x.dtype in (torch.float32, torch.float64):
             correction = (moving - target) * weight
         else:

@@ -323,7 +323,7 @@ class MergeState:
                            margin=resolve_margin(self.config.margin, block, self.num_blocks),
                            sizes=sizes, attention=None if attention is None else attention.detach())
         with torch.no_grad():
-            return self.config.algorithm(metric.detach(), ctx)
+            return self.config.algorithm(metric.detach() if metric.requires_grad else metric, ctx)
 
     def _plan_and_apply(self, x: torch.Tensor, metric: torch.Tensor | None,
                         sizes: torch.Tensor | None, source: torch.Tensor | None, r: int,
