@@ -325,6 +325,32 @@ def test_fullgraph_compile_over_several_padded_widths_with_the_width_marked_stat
                                        rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.xfail(OLD_DYNAMO, strict=False, reason="the torch 2.11 bug of the tests above")
+@pytest.mark.parametrize("algo", ["pitome", "tome"])
+def test_dynamic_batch_compile_of_padded_text_makes_one_graph(algo):
+    """``dynamic=True`` with the width kept static: batches of 6, 4 and 7 sentences share
+    one full graph (PiToMe's pool setting was once read with math.isinf there, which
+    broke the graph)."""
+    from torch._dynamo.utils import counters
+
+    model = pitome.patch(bert(), algo, ratio=0.75)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for lengths in ([30, 12, 44, 5, 20, 21], [30, 12, 40, 5], [44, 30, 12, 36, 5, 7, 9]):
+            ids, mask = padded_batch(lengths, width=44)
+            torch._dynamo.mark_static(ids, 1)
+            torch._dynamo.mark_static(mask, 1)
+            eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            eager_info = pitome.merge_info(model)
+            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+            info = pitome.merge_info(model)
+            torch.testing.assert_close(pooled_rows(out, info), pooled_rows(eager, eager_info),
+                                       rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_the_padded_layout_never_reads_the_gpu_on_the_host(monkeypatch):
     """What lets it compile and capture: no sentence length leaves the device."""
     import pitome.runtime.state as state

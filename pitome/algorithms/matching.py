@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -187,12 +186,14 @@ def ragged_bipartite(metric: torch.Tensor, ctx: RaggedContext,
 
 
 def ragged_energy_bipartite(metric: torch.Tensor, ctx: RaggedContext, energy: EnergyOptions,
-                            pool: float, split: Split = "alternate") -> RowPlan:
+                            pool: float | None, split: Split = "alternate") -> RowPlan:
     """:func:`ragged_bipartite` over each row's real tokens listed by energy, highest first
     (PiToMe): the energy of a token is over its row's real tokens (weighted by
     ``energy.weights``, ``B×n`` and 0 on padding, or 1 each when None), and the first
-    ``min(m, round(2·r·pool))`` of a row's ``m`` split into A and B. One launch plans every
-    row on a GPU (:func:`pitome.kernels.ragged.ragged_plan`)."""
+    ``min(m, round(2·r·pool))`` of a row's ``m`` split into A and B (``pool`` None: all
+    ``m``; decided by the caller, since ``torch.compile(dynamic=True)`` traces a float
+    setting as a symbol that ``math.isinf`` cannot read). One launch plans every row on a
+    GPU (:func:`pitome.kernels.ragged.ragged_plan`)."""
     plan = ragged_plan(metric, ctx, energy, pool, contiguous=split == "contiguous")
     if plan is not None:
         return plan
@@ -201,6 +202,6 @@ def ragged_energy_bipartite(metric: torch.Tensor, ctx: RaggedContext, energy: En
     scores = token_energy(metric, energy.margin, energy.kind, energy.alpha, weights)
     order = argsort_rows(scores.masked_fill(~real, float("-inf")), descending=True)
     tokens = ctx.lengths - ctx.num_prefix
-    pooled = tokens if math.isinf(pool) else \
+    pooled = tokens if pool is None else \
         torch.minimum(tokens, torch.round(2 * ctx.r * pool).long())
     return ragged_bipartite(metric, ctx, order, pooled, split)

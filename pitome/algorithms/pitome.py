@@ -80,8 +80,8 @@ class PiToMe(Algorithm):
         if self.size_weighted and ctx.sizes is not None:
             weights = ctx.sizes[:, ctx.num_prefix:, 0]
         options = EnergyOptions(ctx.margin, self.energy, self.alpha, weights)
-        return ragged_energy_bipartite(metric[:, ctx.num_prefix:], ctx, options, self.pool,
-                                       self.split)
+        return ragged_energy_bipartite(metric[:, ctx.num_prefix:], ctx, options,
+                                       None if self.pools_all else self.pool, self.split)
 
     def similarity_pairs(self, mergeable: int, block: int, num_blocks: int,
                          r: int = 0) -> int:

@@ -9,7 +9,6 @@ of each A token, the ranks of the edges and the row's :class:`~pitome.core.ragge
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -25,14 +24,15 @@ CHUNK = 32
 
 
 def ragged_plan(mergeable: torch.Tensor, ctx: RaggedContext, energy: EnergyOptions | None = None,
-                pool: float = math.inf, start: int = 0, contiguous: bool = False
+                pool: float | None = None, start: int = 0, contiguous: bool = False
                 ) -> RowPlan | None:
     """``ragged_bipartite``'s plan of every row (the same :class:`RowPlan`), in one launch.
 
     ``mergeable`` holds the non-prefix tokens (``B×n×d``, or ``B×n×H×d`` per-head keys whose
     mean is the metric). With ``energy`` (PiToMe) each row's real tokens are listed by
     energy over its real neighbours (``energy.weights``, ``B×n``, weigh them: sizes, 0 on
-    padding) and the first ``min(m, round(2·r·pool))`` split into A and B; without (ToMe)
+    padding) and the first ``min(m, round(2·r·pool))`` (``pool`` None: all) split into A
+    and B; without (ToMe)
     its tokens in order do. The split alternates from place ``start``, or (``contiguous``)
     takes the first half and the second. Returns None where the kernel does not run; the
     caller then plans with PyTorch.
@@ -68,10 +68,10 @@ def ragged_plan(mergeable: torch.Tensor, ctx: RaggedContext, energy: EnergyOptio
         metric, energies if weights is None else weights, ctx.lengths.contiguous(),
         ctx.r.contiguous(), energies, order, scores, partners, slot, target, tokens, width,
         max_a, dim, metric.stride(0), metric.stride(1), stride_h, ctx.num_prefix, start,
-        float(pool) if math.isfinite(pool) else 0.0, margin, alpha, sigma,
+        0.0 if pool is None else float(pool), margin, alpha, sigma,
         KIND=ENERGY_KINDS.index(energy.kind) if by_energy else 0,
         HAS_WEIGHTS=weights is not None, HEADS=heads, BY_ENERGY=by_energy,
-        POOL_ALL=not math.isfinite(pool), CONTIGUOUS=contiguous, BLOCK_T=block_t,
+        POOL_ALL=pool is None, CONTIGUOUS=contiguous, BLOCK_T=block_t,
         BLOCK_A=row_block(max_a), BLOCK_I=BLOCK_ROWS, BLOCK_D=metric_block(dim), CHUNK=CHUNK, PRECISION=dot_precision(),
         num_warps=row_warps(block_t))
     return RowPlan(slot=slot, target=target)
