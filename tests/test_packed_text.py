@@ -283,24 +283,35 @@ def pooled_rows(hidden: torch.Tensor, info) -> torch.Tensor:
 OLD_DYNAMO = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 14)
 
 
+def compiled_like_eager(model, compiled, lengths: list[int], width: int,
+                        static_width: bool = False):
+    """Run a padded batch through ``model`` and ``compiled`` (the width marked static if
+    asked), check that their pooled rows agree, and return both merge infos."""
+    ids, mask = padded_batch(lengths, width=width)
+    if static_width:
+        torch._dynamo.mark_static(ids, 1)
+        torch._dynamo.mark_static(mask, 1)
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        eager_info = pitome.merge_info(model)
+        out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        info = pitome.merge_info(model)
+    torch.testing.assert_close(pooled_rows(out, info), pooled_rows(eager, eager_info),
+                               rtol=1e-4, atol=1e-5)
+    return info, eager_info
+
+
 @pytest.mark.xfail(OLD_DYNAMO, strict=False, reason=(
     "known bug on torch 2.11 (the H200 image): a graph compiled on one padded batch gives "
     "another batch's shortest sentence (5 tokens, none so short in the first) other merges; "
     "passes on torch 2.14; open in the text issue"))
 def test_padded_batches_compile_fullgraph_and_merge_info_follows():
     model = pitome.patch(bert(), "pitome", ratio=0.75)
-    batches = [padded_batch(LENGTHS, width=44), padded_batch([30, 12, 44, 5, 20, 21], width=44)]
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        for ids, mask in batches:  # the second batch's lengths reuse the graph
-            eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            eager_info = pitome.merge_info(model)
-            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-            info = pitome.merge_info(model)
-            assert torch.equal(info.padding, eager_info.padding)
-            torch.testing.assert_close(pooled_rows(out, info), pooled_rows(eager, eager_info),
-                                       rtol=1e-4, atol=1e-5)
+    for lengths in (LENGTHS, [30, 12, 44, 5, 20, 21]):  # the second reuses the graph
+        info, eager_info = compiled_like_eager(model, compiled, lengths, width=44)
+        assert torch.equal(info.padding, eager_info.padding)
 
 
 @pytest.mark.xfail(OLD_DYNAMO, strict=False, reason="the torch 2.11 bug of the test above")
@@ -310,19 +321,11 @@ def test_fullgraph_compile_over_several_padded_widths_with_the_width_marked_stat
     model = pitome.patch(bert(), "pitome", ratio=0.75)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        for lengths, width in [([30, 12, 44, 5, 20, 21], 44), ([30, 12, 40, 5], 40),
-                               ([30, 12, 36, 5, 7], 36)]:
-            ids, mask = padded_batch(lengths, width=width)
-            torch._dynamo.mark_static(ids, 1)
-            torch._dynamo.mark_static(mask, 1)
-            eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            eager_info = pitome.merge_info(model)
-            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-            info = pitome.merge_info(model)
-            assert info.merges == eager_info.merges and any(info.merges)
-            torch.testing.assert_close(pooled_rows(out, info), pooled_rows(eager, eager_info),
-                                       rtol=1e-4, atol=1e-5)
+    for lengths, width in [([30, 12, 44, 5, 20, 21], 44), ([30, 12, 40, 5], 40),
+                           ([30, 12, 36, 5, 7], 36)]:
+        info, eager_info = compiled_like_eager(model, compiled, lengths, width,
+                                               static_width=True)
+        assert info.merges == eager_info.merges and any(info.merges)
 
 
 @pytest.mark.xfail(OLD_DYNAMO, strict=False, reason="the torch 2.11 bug of the tests above")
@@ -337,17 +340,8 @@ def test_dynamic_batch_compile_of_padded_text_makes_one_graph(algo):
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
-    with torch.no_grad():
-        for lengths in ([30, 12, 44, 5, 20, 21], [30, 12, 40, 5], [44, 30, 12, 36, 5, 7, 9]):
-            ids, mask = padded_batch(lengths, width=44)
-            torch._dynamo.mark_static(ids, 1)
-            torch._dynamo.mark_static(mask, 1)
-            eager = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            eager_info = pitome.merge_info(model)
-            out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
-            info = pitome.merge_info(model)
-            torch.testing.assert_close(pooled_rows(out, info), pooled_rows(eager, eager_info),
-                                       rtol=1e-4, atol=1e-5)
+    for lengths in ([30, 12, 44, 5, 20, 21], [30, 12, 40, 5], [44, 30, 12, 36, 5, 7, 9]):
+        compiled_like_eager(model, compiled, lengths, width=44, static_width=True)
     assert counters["stats"]["unique_graphs"] == 1
 
 

@@ -9,7 +9,6 @@ of each A token, the ranks of the edges and the row's :class:`~pitome.core.ragge
 
 from __future__ import annotations
 
-
 import torch
 
 from ..core.ragged import RaggedContext, RowPlan
@@ -32,8 +31,7 @@ def ragged_plan(mergeable: torch.Tensor, ctx: RaggedContext, energy: EnergyOptio
     mean is the metric). With ``energy`` (PiToMe) each row's real tokens are listed by
     energy over its real neighbours (``energy.weights``, ``B×n``, weigh them: sizes, 0 on
     padding) and the first ``min(m, round(2·r·pool))`` (``pool`` None: all) split into A
-    and B; without (ToMe)
-    its tokens in order do. The split alternates from place ``start``, or (``contiguous``)
+    and B; without (ToMe) its tokens in order do. The split alternates from place ``start``, or (``contiguous``)
     takes the first half and the second. Returns None where the kernel does not run; the
     caller then plans with PyTorch.
     """
