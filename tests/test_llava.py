@@ -113,6 +113,20 @@ def test_fitting_is_idempotent_and_cuts_labels_and_positions(inputs):
         fit_image_placeholders(model, {**inputs, "pixel_values": inputs["pixel_values"][:2]})
 
 
+def test_a_prefill_with_a_prepared_attention_mask_passes_fitted_and_refuses_unfitted(inputs):
+    """Some transformers versions hand the prefill of a static-cache generation a 4-D mask
+    as wide as the cache: a fitted prompt passes through, an unfitted one is refused."""
+    model = pitome.patch(tiny_llava(), "tome", ratio=0.8)
+    fitted = fit_image_placeholders(model, inputs)
+    batch, width = fitted["input_ids"].shape
+    prepared = torch.zeros(batch, 1, width, width + 5)
+    again = fit_image_placeholders(model, {**fitted, "attention_mask": prepared})
+    assert again["input_ids"] is fitted["input_ids"] and again["attention_mask"] is prepared
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 1, "):
+        fit_image_placeholders(model, {**inputs, "attention_mask": torch.zeros(
+            batch, 1, inputs["input_ids"].shape[1], inputs["input_ids"].shape[1] + 5)})
+
+
 def test_ratio_one_equals_unpatched_and_unpatch_restores(inputs):
     model = tiny_llava()
 

@@ -97,3 +97,15 @@ def test_a_one_shot_schedule_removes_everything_in_the_last_merging_block():
     assert at_once[22] == sum(TokenSchedule(ratio=0.9, merge_blocks=blocks).plan(577, 1, 24))
     assert sum(by_ratio) > at_once[22]  # the ratio schedule also merges in block 23
     assert TokenSchedule(tokens=3, one_shot=True).plan(65, 1, 4) == [0, 0, 0, 61]
+
+
+@pytest.mark.parametrize("schedule", [
+    TokenSchedule(ratio=0.9), TokenSchedule(ratio=(1.0, 0.8, 0.7), merge_blocks=(1, 2)),
+    TokenSchedule(r=(8, -0.5), count_prefix=True), TokenSchedule(tokens=20, one_shot=True)])
+def test_a_schedule_rebuilds_from_its_key(schedule):
+    """torch.compile hands the plan the schedule's key, a string, not the schedule."""
+    import copy
+    import pickle
+
+    assert TokenSchedule.from_key(schedule.key) == schedule
+    assert pickle.loads(pickle.dumps(schedule)).key == copy.deepcopy(schedule).key == schedule.key

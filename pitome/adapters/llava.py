@@ -126,10 +126,18 @@ def fit_image_placeholders(model: nn.Module, inputs: Mapping[str, Any]) -> dict[
     pixels = inputs.get("pixel_values")
     images = pixels.shape[0] if isinstance(pixels, torch.Tensor) and pixels.dim() == 4 else None
     mask = inputs.get("attention_mask")
-    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    per_token = isinstance(mask, torch.Tensor) and mask.shape == input_ids.shape
+    real = mask.bool() if per_token else torch.ones_like(input_ids, dtype=torch.bool)
     image = (input_ids == model.config.image_token_id) & real
     if _placeholder_layout(image, full, keep, images) != "unfitted":
         return fitted
+    if mask is not None and not per_token:
+        # Generation with a static cache hands the prefill a mask already built for the
+        # attention (4-D, as wide as the cache); such a prompt must arrive fitted.
+        raise ValueError(f"attention_mask of shape {_shape(mask)} cannot be fitted to the "
+                         f"merged image tokens: give the processor's per-token mask (shape "
+                         f"{tuple(input_ids.shape)}, like input_ids), or inputs already "
+                         "fitted with pitome.llava.fit_image_placeholders")
     kept = real & (~image | (_run_positions(image) % full < keep))
     lengths = kept.sum(dim=1)
     width = int(lengths.max())
@@ -154,6 +162,10 @@ def fit_image_placeholders(model: nn.Module, inputs: Mapping[str, Any]) -> dict[
                 and value.shape == input_ids.shape:
             fitted[name] = cut(value, PER_TOKEN_PADDING.get(name, 0))
     return fitted
+
+
+def _shape(value: Any) -> Any:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 class FitPlaceholders:

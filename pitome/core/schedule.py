@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import math
 import numbers
 from fractions import Fraction
@@ -254,6 +256,21 @@ class TokenSchedule:
         for name in ("count_prefix", "one_shot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "_key", repr(
+            tuple(getattr(self, name.name) for name in dataclasses.fields(self))))
+
+    @property
+    def key(self) -> str:
+        """The schedule as a string, ``TokenSchedule.from_key(schedule.key) == schedule``:
+        what ``torch.compile`` can hold as a constant (a float field, traced, becomes a
+        symbol under ``dynamic=True``, and not every dynamo version takes a frozen
+        dataclass as a constant)."""
+        return self._key
+
+    @classmethod
+    def from_key(cls, key: str) -> TokenSchedule:
+        """The schedule :attr:`key` was taken from."""
+        return cls(*ast.literal_eval(key))
 
     def check_depth(self, num_blocks: int) -> None:
         """Raise ValueError unless the schedule fits a model of ``num_blocks`` blocks."""

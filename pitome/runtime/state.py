@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -95,13 +96,24 @@ class MergeInfo:
     padding: torch.Tensor | None = None
 
 
-@torch.compiler.assume_constant_result
 def schedule_plan(schedule: TokenSchedule, tokens: int, num_prefix: int,
                   num_blocks: int) -> list[int]:
     """``schedule.plan(...)``, which ``torch.compile`` takes as a constant: for a fixed token
     count (a plain int, not a symbol) the plan is fixed, and traced it would turn the
     schedule's float ratio into a symbol under ``dynamic=True`` (breaking a full graph)."""
+    if torch.compiler.is_compiling():
+        return _constant_plan(schedule.key, tokens, num_prefix, num_blocks)
     return schedule.plan(tokens, num_prefix, num_blocks)
+
+
+@torch.compiler.assume_constant_result
+def _constant_plan(key: str, tokens: int, num_prefix: int, num_blocks: int) -> list[int]:
+    return _schedule(key).plan(tokens, num_prefix, num_blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(key: str) -> TokenSchedule:
+    return TokenSchedule.from_key(key)
 
 
 class MergeState:
