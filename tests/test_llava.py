@@ -362,10 +362,12 @@ def test_a_captured_tower_runs_eagerly_off_the_gpu_and_copies_without_graphs(inp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_captured_merged_tower_replays_what_it_computes_eagerly(inputs, dtype):
+@pytest.mark.parametrize("patch", [dict(algo="pitome", ratio=0.8),
+                                   dict(algo="visionzip", tokens=12)], ids=["pitome", "visionzip"])
+def test_a_captured_merged_tower_replays_what_it_computes_eagerly(inputs, dtype, patch):
     from pitome.llava import capture_vision_tower, release_vision_tower
 
-    model = pitome.patch(tiny_llava().to("cuda", dtype), "pitome", ratio=0.8)
+    model = pitome.patch(tiny_llava().to("cuda", dtype), **patch)
     prompt = {name: value.to("cuda") for name, value in inputs.items()}
     prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
     with torch.no_grad():

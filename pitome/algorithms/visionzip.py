@@ -70,10 +70,13 @@ class VisionZip(Algorithm):
         rest = is_dominant.to(torch.int8).argsort(dim=1, stable=True)[:, :count - dominant]
         if contextual == 0:
             return prune(prefix, chosen, rest)
+        # Spread targets over the rest; every index stays on the device and every shape
+        # is fixed (no mask indexing), so a vision tower captured as a CUDA graph runs it.
         places = torch.arange(contextual, device=metric.device) * rest.shape[1] // contextual
-        is_target = torch.zeros(rest.shape[1], dtype=torch.bool, device=metric.device)
-        is_target[places] = True
-        targets, others = rest[:, is_target], rest[:, ~is_target]
+        is_target = torch.zeros(rest.shape[1], dtype=torch.int8, device=metric.device)
+        is_target.scatter_(0, places, 1)
+        elsewhere = is_target.argsort(stable=True)[:rest.shape[1] - contextual]
+        targets, others = rest[:, places], rest[:, elsewhere]
         unit = unit_rows(tokens)
         similarity = gather_rows(unit, others) @ gather_rows(unit, targets).transpose(1, 2)
         return assemble(prefix, kept=chosen, destinations=targets, src=others,
