@@ -10,9 +10,11 @@ the processor makes them (576 placeholders): the patched model fits them itself.
 
 Variants: ``none`` (unmerged), ``ALGO@RATIO`` (e.g. ``pitome@0.9``) and ``ALGO@Nt`` (e.g.
 ``visionzip@64t``: N image tokens). Modes: ``eager`` (dynamic KV cache, eager decoding),
-``static`` (``cache_implementation="static"``, eager) and ``compiled`` (static cache and
+``static`` (``cache_implementation="static"``, eager), ``compiled`` (static cache and
 transformers' compiled decoding step, CUDA graphs; each variant and batch compiles once, in
-the warm-up round). Variants take turns in every round (one process, interleaved, each
+the warm-up round) and ``decoder`` (:class:`pitome.generation.GreedyDecoder`: a static
+cache, the decoding step and its argmax compiled into CUDA graphs, no wait for the GPU
+between tokens; one decoder per variant, compiled in the warm-up). Variants take turns in every round (one process, interleaved, each
 round starting with the next variant); each keeps its own static cache between its turns,
 as a user generating again would, so compiled decoding replays its CUDA graphs rather than
 re-recording them for a new cache. The table reports medians over the measured rounds.
@@ -45,13 +47,14 @@ import torch
 
 import pitome
 from pitome.adapters.llava import STATIC_CACHE_MEMORY
+from pitome.generation import GreedyDecoder
 from pitome.llava import capture_vision_tower, forget_static_cache, image_tokens
 
 RATIO_VARIANTS = ["pitome@0.9", "pitome@0.95", "tome@0.9", "tome@0.95"]
 COUNT_VARIANTS = [f"{algo}@{count}t" for count in (64, 128, 192)
                   for algo in ("pitome", "tome", "visionzip")]
 DEFAULT_VARIANTS = ["none", *RATIO_VARIANTS, *COUNT_VARIANTS]
-MODES = ("eager", "static", "compiled")
+MODES = ("eager", "static", "compiled", "decoder")
 IMAGE_TOKEN = 32000
 
 
@@ -243,6 +246,48 @@ def generate_once(model, inputs: dict, mode: str, new_tokens: int,
             if device.type == "cuda" else None}
 
 
+def decode_once(decoder: GreedyDecoder, inputs: dict, new_tokens: int,
+                device: torch.device, held_bytes: int = 0) -> dict:
+    """One timed prefill and decoding by ``decoder`` (every row makes ``new_tokens``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    start = time.perf_counter()
+    decoding = decoder.prefill(new_tokens, **inputs)
+    synchronize(device)
+    first = time.perf_counter()
+    output = decoder.decode(decoding, ignore_eos=True)
+    synchronize(device)
+    end = time.perf_counter()
+    batch = inputs["input_ids"].shape[0]
+    made = output.shape[1] - inputs["input_ids"].shape[1]
+    if made != new_tokens:
+        raise RuntimeError(f"the decoder made {made} tokens, not {new_tokens}")
+    return {"ttft_ms": 1e3 * (first - start), "e2e_ms": 1e3 * (end - start),
+            "decode_tokens_per_s": batch * (new_tokens - 1) / max(end - first, 1e-9),
+            "kv_cache_mb": _mb(cache_bytes(decoder._cache)),
+            "peak_gb": (torch.cuda.max_memory_allocated(device) - held_bytes) / 2 ** 30
+            if device.type == "cuda" else None}
+
+
+class Decoders:
+    """One :class:`GreedyDecoder` per variant and batch, its static cache and compiled step
+    kept between turns (as a user decoding again with the same shapes would)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.kept = model, {}
+
+    def get(self, name: str, batch: int) -> GreedyDecoder:
+        if (name, batch) not in self.kept:
+            self.kept[name, batch] = GreedyDecoder(self.model)
+        return self.kept[name, batch]
+
+    def held_bytes(self, running: tuple[str, int] | None = None) -> int:
+        """Bytes of the caches of the decoders not running (left out of peak memory)."""
+        return sum(cache_bytes(decoder._cache) or 0 for key, decoder in self.kept.items()
+                   if key != running and decoder._cache is not None)
+
+
 def capture_tower(model, inputs: dict) -> None:
     """Replay ``model``'s vision tower as a CUDA graph and capture it for this variant with an
     untimed one-token generate (the graph belongs to this patch, so every turn of a variant,
@@ -325,8 +370,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", default=None,
                         help="comma-separated (default 1,8,32; tiny 1,2)")
     parser.add_argument("--modes", default=None,
-                        help="comma-separated of eager, static, compiled (default eager,static; "
-                             "compiled compiles once per variant and batch, in the warm-up)")
+                        help="comma-separated of eager, static, compiled, decoder (default "
+                             "eager,static; compiled and decoder compile once per variant and "
+                             "batch, in the warm-up)")
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--text-tokens", type=int, default=40)
@@ -361,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         print("compiled mode needs a GPU (transformers compiles decoding only there); skipped",
               file=sys.stderr)
         args.modes = [mode for mode in args.modes if mode != "compiled"]
-    if "compiled" in args.modes:
+    if {"compiled", "decoder"} & set(args.modes):
         import torch._dynamo as dynamo
 
         for name in ("recompile_limit", "cache_size_limit"):  # one graph per variant and batch
@@ -376,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {batch: prompts(model, batch, args.text_tokens, device, dtype)
               for batch in args.batches}
     caches = StaticCaches()
+    decoders = Decoders(model)
     tokens = {}
     for variant in args.variants:
         variant.apply(model, caches)
@@ -408,9 +455,14 @@ def main(argv: list[str] | None = None) -> int:
                     variant.apply(model, caches)
                     if args.capture_tower:
                         capture_tower(model, inputs[batch])
+                    held = caches.held_bytes() + decoders.held_bytes((variant.name, batch))
                     try:
-                        sample = generate_once(model, inputs[batch], mode, args.new_tokens,
-                                               device, caches.held_bytes())
+                        if mode == "decoder":
+                            sample = decode_once(decoders.get(variant.name, batch), inputs[batch],
+                                                 args.new_tokens, device, held)
+                        else:
+                            sample = generate_once(model, inputs[batch], mode, args.new_tokens,
+                                                   device, held)
                     except Exception as error:  # noqa: BLE001 - one mode failing keeps the rest
                         if mode == "eager":
                             raise

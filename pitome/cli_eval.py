@@ -104,8 +104,10 @@ def add_eval_parser(commands: argparse._SubParsersAction,
     vqa.add_argument("--max-new-tokens", type=at_least(1), default=16,
                      help="longest answer generated")
     vqa.add_argument("--compile", action="store_true",
-                     help="on a GPU, compile the decoding step (static KV cache, CUDA graphs); "
-                          "each new batch shape compiles once")
+                     help="on a GPU, decode with pitome.generation.GreedyDecoder: the "
+                          "decoding step compiled into CUDA graphs (static KV cache), no wait "
+                          "for the GPU between tokens; each batch size and cache length (in "
+                          "steps of 64 tokens) compiles once")
     vqa.add_argument("--eager-tower", action="store_true",
                      help="run the vision tower eagerly on a GPU (by default it is replayed as "
                           "CUDA graphs, pitome.llava.capture_vision_tower: a faster first token)")

@@ -189,28 +189,31 @@ def test_an_unreachable_image_token_count_is_refused_at_patch_time():
     assert image_tokens(model) == 7
 
 
-def test_vqa_generates_with_a_static_cache_on_gpus_and_compiles_when_asked(inputs):
+def test_vqa_generates_with_a_static_cache_on_gpus_and_the_decoder_when_compiled(inputs):
+    from pitome.generation import GreedyDecoder
     from pitome.tasks.runner import Processes
     from pitome.tasks.vqa import VQAEvaluation
 
     model = pitome.patch(tiny_llava(), "pitome", ratio=0.8)
-    options, captured = {}, {}
+    tasks, captured = {}, {}
     for device, compiled in (("cpu", False), ("cuda", False), ("cuda", True)):
         task = VQAEvaluation(model, processor(), [], Processes(device=torch.device(device)),
                              max_new_tokens=5, compiled=compiled)
-        options[device, compiled] = task.generation_options()
+        tasks[device, compiled] = task
         captured[device] = task.capture_tower
     assert captured == {"cpu": False, "cuda": True}  # the tower is replayed on GPUs only
     assert not VQAEvaluation(model, processor(), [], Processes(device=torch.device("cuda")),
                              capture_tower=False).capture_tower
-    assert "cache_implementation" not in options["cpu", False]
-    assert options["cuda", False]["cache_implementation"] == "static"
-    assert options["cuda", False]["disable_compile"]
-    assert not options["cuda", True]["disable_compile"]
-    # What the GPU path asks of generate gives the CPU path's answers here.
-    fast = {key: value for key, value in options["cuda", True].items() if key != "disable_compile"}
-    assert torch.equal(model.generate(**inputs, **fast),
-                       model.generate(**inputs, **options["cpu", False]))
+    assert "cache_implementation" not in tasks["cpu", False].generation_options()
+    assert tasks["cuda", False].generation_options()["cache_implementation"] == "static"
+    assert tasks["cpu", False].decoder is None and tasks["cuda", False].decoder is None
+    decoder = tasks["cuda", True].decoder
+    assert isinstance(decoder, GreedyDecoder) and decoder.cache_multiple == 64
+    # What each GPU path generates gives the CPU path's answers here.
+    expected = model.generate(**inputs, **tasks["cpu", False].generation_options())
+    assert torch.equal(model.generate(**inputs, **tasks["cuda", False].generation_options()),
+                       expected)
+    assert torch.equal(decoder.generate(5, **inputs), expected)
 
 
 def test_a_merged_static_cache_is_sized_to_the_merged_prompt(inputs):
@@ -275,11 +278,12 @@ def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
     benchmark = _llava_benchmark()
     out = tmp_path / "bench.json"
     args = ["--tiny", "--variants", "none,pitome@0.9,visionzip@64t", "--batches", "1",
-            "--warmup", "0", "--new-tokens", "3", "--json", str(out)]
+            "--modes", "eager,static,decoder", "--warmup", "0", "--new-tokens", "3",
+            "--json", str(out)]
     assert benchmark.main(args) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(row["mode"], row["variant"]) for row in rows} == {
-        (mode, variant) for mode in ("eager", "static")
+        (mode, variant) for mode in ("eager", "static", "decoder")
         for variant in ("none", "pitome@0.9", "visionzip@64t")}
     tokens = {row["variant"]: row["image_tokens"] for row in rows}
     assert tokens == {"none": 256, "pitome@0.9": 188, "visionzip@64t": 64}
@@ -291,7 +295,9 @@ def test_the_llava_benchmark_runs_tiny_and_never_overwrites(tmp_path, capsys):
         benchmark.main(args)
 
 
-def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys):
+@pytest.mark.parametrize("decoding", ["generate", "compile"])
+def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys, decoding):
+    """With --compile a GPU decodes with pitome.generation.GreedyDecoder (on CPU as without)."""
     import json
 
     from pitome.cli import main
@@ -307,7 +313,7 @@ def test_eval_vqa_takes_token_counts_beside_ratios(tmp_path, capsys):
     assert main(["eval", "vqa", "--model", str(tmp_path / "llava"), "--data",
                  str(tmp_path / "q.jsonl"), "--algo", "none,visionzip,pitome", "--ratio", "0.8",
                  "--tokens", "12", "--batch-size", "2", "--max-new-tokens", "2", "--no-plot",
-                 "--out", str(tmp_path / "out")]) == 0
+                 "--out", str(tmp_path / "out")] + ["--compile"] * (decoding == "compile")) == 0
     cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
     assert {key: cell["image_tokens"] for key, cell in cells.items()} == {
         "none": 64, "visionzip@0.8": 34, "pitome@0.8": 34, "visionzip@12t": 12,
