@@ -67,21 +67,34 @@ class GreedyDecoder:
         for name, value in (("check_every", check_every), ("cache_multiple", cache_multiple)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self._start(model, compile, check_every, cache_multiple)
+
+    def _start(self, model: nn.Module, compile: bool | Mapping[str, Any] | None,
+               check_every: int, cache_multiple: int) -> None:
         self.model, self.check_every, self.cache_multiple = model, check_every, cache_multiple
+        self._compile = compile
+        self._step: Any = None  # made at the first prefill (a copy's model may be half-built now)
+        self._cache: Any = None
+        self._cache_shape: tuple[int, int] | None = None
+
+    def __reduce__(self) -> tuple:
+        # A copy or unpickled decoder starts afresh: no cache, its step compiled anew.
+        return (_restarted, (type(self), self.model, self._compile, self.check_every,
+                             self.cache_multiple))
+
+    def _prepare(self) -> None:
+        model, compile = self.model, self._compile
         parameters = inspect.signature(type(model).forward).parameters
         self._cache_name = "past_key_values" if "past_key_values" in parameters else "cache"
         self._takes = set(parameters)
-        device = next(model.parameters()).device
         if compile is None:
-            compile = device.type == "cuda"
+            compile = next(model.parameters()).device.type == "cuda"
         options = dict(COMPILE_DEFAULTS, **compile) if isinstance(compile, Mapping) else \
             dict(COMPILE_DEFAULTS) if compile else None
         self._graphs = options is not None and options.get("mode") in (
             "reduce-overhead", "max-autotune")
         self._step = torch.compile(self._forward_step, **options) if options else \
             self._forward_step
-        self._cache: Any = None
-        self._cache_shape: tuple[int, int] | None = None
 
     def generate(self, max_new_tokens: int, ignore_eos: bool = False,
                  **inputs: Any) -> torch.Tensor:
@@ -96,6 +109,8 @@ class GreedyDecoder:
         the result's ``first``."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if self._step is None:
+            self._prepare()
         prompt = inputs.get("input_ids")
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
             raise ValueError("input_ids must be a B×T tensor of token ids, got "
@@ -194,13 +209,19 @@ class GreedyDecoder:
 
 def greedy_generate(model: nn.Module, max_new_tokens: int, ignore_eos: bool = False,
                     **inputs: Any) -> torch.Tensor:
-    """One call of :meth:`GreedyDecoder.generate` (the decoder, its cache and its compiled
-    step are kept on ``model`` for the next call)."""
+    """One call of :meth:`GreedyDecoder.generate`; the decoder, its cache and its compiled
+    step are kept on ``model`` for its next call (a copy of the model gets a fresh one)."""
     decoder = model.__dict__.get("_pitome_decoder")
     if decoder is None:
-        decoder = GreedyDecoder(model)
-        model.__dict__["_pitome_decoder"] = decoder
+        decoder = model.__dict__["_pitome_decoder"] = GreedyDecoder(model)
     return decoder.generate(max_new_tokens, ignore_eos=ignore_eos, **inputs)
+
+
+def _restarted(cls: type, model: nn.Module, compile: Any, check_every: int,
+               cache_multiple: int) -> GreedyDecoder:
+    decoder = cls.__new__(cls)
+    decoder._start(model, compile, check_every, cache_multiple)
+    return decoder
 
 
 def _static_cache(model: nn.Module, batch: int, length: int) -> Any:

@@ -87,12 +87,21 @@ def test_a_rounded_cache_serves_shorter_prompts_with_the_same_tokens(inputs):
     assert decoder._cache is kept
 
 
-def test_greedy_generate_keeps_one_decoder_on_the_model(inputs):
+def test_greedy_generate_keeps_one_decoder_and_a_copy_gets_a_fresh_one(inputs):
+    import copy
+    import pickle
+
     model = talkative("tome@0.8")
     first = greedy_generate(model, 4, **inputs)
     decoder = model._pitome_decoder
     assert torch.equal(greedy_generate(model, 4, **inputs), first)
-    assert model._pitome_decoder is decoder
+    assert model._pitome_decoder is decoder and decoder._cache is not None
+    twin = copy.deepcopy(model)
+    fresh = twin._pitome_decoder
+    assert fresh is not decoder and fresh.model is twin and fresh._cache is None
+    assert torch.equal(greedy_generate(twin, 4, **inputs), first)
+    thawed = pickle.loads(pickle.dumps(GreedyDecoder(talkative(), check_every=3)))
+    assert thawed.check_every == 3 and thawed._cache is None
 
 
 def test_bad_arguments_are_refused_by_name(inputs):
@@ -119,6 +128,6 @@ def test_on_a_gpu_the_step_replays_as_cuda_graphs_with_generates_tokens(variant,
     prompt = {name: value.to("cuda") for name, value in inputs.items()}
     reference = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     decoder = GreedyDecoder(model)
-    assert decoder._graphs
     for _ in range(2):  # the second call replays the graphs recorded by the first
         assert torch.equal(decoder.generate(8, **prompt), reference)
+    assert decoder._graphs

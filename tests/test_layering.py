@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pitome"
 LAYERS = {  # rank of each top-level part of the package
     "_optional": 0, "core": 1, "kernels": 2, "algorithms": 3, "runtime": 4, "adapters": 5,
-    "api": 6, "cuda_graph": 6, "models": 6, "llava": 6, "__init__": 6,
+    "api": 6, "cuda_graph": 6, "models": 6, "llava": 6, "generation": 6, "__init__": 6,
     "analysis": 7, "tasks": 7, "bench": 7, "calibration": 7, "cli_common": 8, "cli_eval": 9,
     "cli_finetune": 9, "cli_calibrate": 9, "cli": 10,
 }
