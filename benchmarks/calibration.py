@@ -13,6 +13,7 @@ error over images. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ from pitome.tasks.image_classification import (class_balanced_halves, evenly_spr
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+PROGRESS = importlib.util.find_spec("tqdm") is not None
 
 
 def mean_and_error(values: torch.Tensor) -> tuple[float, float]:
@@ -61,6 +63,11 @@ def main() -> int:
     parser.add_argument("--calibration-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-evaluations", type=int, default=120)
+    parser.add_argument("--rates", default="probe",
+                        help="comma-separated: how the search measures each block's harm "
+                             "per MAC (probe, gradient, gradient-then-probe); with several, "
+                             "each calibrated row is named by its rates")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--out", help="JSON output")
     parser.add_argument("--table-from", metavar="JSON", help="print the table of a saved run")
     args = parser.parse_args()
@@ -68,9 +75,12 @@ def main() -> int:
         saved = json.loads(Path(args.table_from).read_text())
         print(table(saved["rows"], saved["unmerged_top1"]))
         return 0
+    if args.out and Path(args.out).exists():
+        sys.exit(f"{args.out} exists; give another --out path")
     started = time.perf_counter()
 
-    model = create_timm_model(MODEL, checkpoint=args.checkpoint)
+    rates_list = args.rates.split(",")
+    model = create_timm_model(MODEL, checkpoint=args.checkpoint).to(args.device)
     transform = model_transform(model)
     calibration_half, evaluation_half = class_balanced_halves(read_image_folder(args.data))
     calibration_images, _ = load_images(evenly_spread(calibration_half,
@@ -87,28 +97,33 @@ def main() -> int:
         budget = uniform_flops(model, ratio, "pitome")
         budgets[ratio] = budget
         for algo in args.algos.split(","):
-            result = calibrate(model, calibration_images, algo, budget,
-                               batch_size=args.batch_size, max_evaluations=args.max_evaluations,
-                               progress=True, name=MODEL)
-            print(f"rho {ratio} {algo}: {result.evaluations} evaluations in "
-                  f"{result.seconds:.0f} s, start {result.start}, r {result.r}",
-                  file=sys.stderr)
-            schedules = {name: shape for name, shape in result.shapes.items()}
-            schedules["calibrated"] = {"r": result.r, "flops": result.flops}
-            for name, shape in schedules.items():
-                rows.append({"ratio": ratio, "budget": budget, "algo": algo, "schedule": name,
-                             "r": shape["r"], "flops": shape["flops"],
-                             "calibration_loss": result.loss if name == "calibrated" else
-                             shape["loss"],
-                             **score(model, algo, shape["r"], images, labels, reference)})
-            rows[-1]["calibration_seconds"] = result.seconds
-            rows[-1]["evaluations"] = result.evaluations
+            for index, rates in enumerate(rates_list):
+                result = calibrate(model, calibration_images, algo, budget,
+                                   batch_size=args.batch_size,
+                                   max_evaluations=args.max_evaluations,
+                                   progress=PROGRESS, name=MODEL, rates=rates)
+                print(f"rho {ratio} {algo} {rates}: {result.evaluations} evaluations in "
+                      f"{result.seconds:.0f} s, start {result.start}, r {result.r}",
+                      file=sys.stderr)
+                schedules = {} if index else dict(result.shapes)  # the same for every rates
+                calibrated = "calibrated" if len(rates_list) == 1 else f"calibrated ({rates})"
+                schedules[calibrated] = {"r": result.r, "flops": result.flops}
+                for name, shape in schedules.items():
+                    rows.append({"ratio": ratio, "budget": budget, "algo": algo,
+                                 "schedule": name, "r": shape["r"], "flops": shape["flops"],
+                                 "calibration_loss": result.loss if name == calibrated else
+                                 shape["loss"],
+                                 **score(model, algo, shape["r"], images, labels, reference)})
+                rows[-1].update(calibration_seconds=result.seconds,
+                                evaluations=result.evaluations, rates=rates)
     print(table(rows, unmerged_top1))
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"model": MODEL, "calibration_images": calibration_images.shape[0],
              "evaluation_images": images.shape[0], "unmerged_top1": unmerged_top1,
-             "max_evaluations": args.max_evaluations, "budgets": budgets, "rows": rows,
+             "max_evaluations": args.max_evaluations, "rates": rates_list,
+             "device": str(args.device),
+             "budgets": budgets, "rows": rows,
              "seconds": time.perf_counter() - started, "torch": torch.__version__},
             indent=1) + "\n")
     return 0

@@ -12,13 +12,15 @@ an encoder without a head.
 Both spaces are searched as whole steps per block: tokens merged (vision), or steps of
 ``grid`` below a keep ratio of 1 (text: 4 steps of the default 0.005 are ρ = 0.98).
 
-The search is forward-only. It starts from the best of four simple shapes that fill the
-budget (uniform ratio, constant ``r``, early-heavy, late-heavy), then exchanges merges
-between blocks: it measures, for every block, how much the loss changes per MAC when that
-block merges ``step`` fewer tokens (one probe per block), and moves merges from the block
-where they hurt most per MAC to the ones where they hurt least until the budget is met
-again (at the optimum of this budget-constrained problem, every block's marginal harm per
-MAC is equal). A move is kept only when the measured loss falls; ``step`` halves when no
+The search starts from the best of four simple shapes that fill the budget (uniform
+ratio, constant ``r``, early-heavy, late-heavy), then exchanges merges between blocks: it
+measures, for every block, how much the loss changes per MAC when that block merges
+``step`` fewer tokens (``rates="probe"``: one forward per block; or, for vision models,
+``rates="gradient"``: the derivatives of a merge relaxed to a fraction of one token more in
+every block, one forward with gradients, :mod:`pitome.core.relaxed`), and moves merges from
+the block where they hurt most per MAC to the ones where they hurt least until the budget
+is met again (at the optimum of this budget-constrained problem, every block's marginal
+harm per MAC is equal). A move is kept only when the measured loss falls; ``step`` halves when no
 move helps. Part of the inputs is held out of the search: of the schedules the search
 accepted, the one with the lowest held-out loss is returned, so a search that only fits
 its own inputs returns its starting shape.
@@ -44,9 +46,11 @@ from .adapters import find_adapter
 from .analysis.flops import TextShape, length_macs, schedule_macs, token_layout
 from .api import merge_config, merge_info, patch, pooling_weights, unpatch
 from .core.schedule import MIN_RATIO, TokenSchedule, linear_r, scalar
+from .runtime.state import relaxed_merges
 
 Batch = Union[torch.Tensor, Mapping[str, Any]]
 OBJECTIVES = ("auto", "kl", "cosine")
+RATES = ("probe", "gradient", "gradient-then-probe")
 SHAPES = ("uniform", "constant", "early-heavy", "late-heavy")
 TEXT_SHAPES = ("uniform", "first-3", "early-heavy", "late-heavy")
 SHAPE_INFLECTION = {"constant": 0.0, "uniform": 0.0, "first-3": 0.0, "early-heavy": -0.5,
@@ -83,6 +87,9 @@ class Calibration:
         ratio: the keep ratio of each block (text; None for vision), 1 where a block does
             not merge; a per-block list, so the model's default ``merge_blocks`` does not
             apply to it.
+        rates: how the search measured each block's harm per MAC: ``"probe"`` (one
+            forward per block), ``"gradient"`` (a relaxed merge's derivatives) or
+            ``"gradient-then-probe"``.
     """
 
     r: list[int] | None
@@ -101,6 +108,7 @@ class Calibration:
     examples: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     ratio: list[float] | None = None
+    rates: str = "probe"
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Patch ``model`` with this schedule (its algorithm and options); returns it."""
@@ -537,14 +545,14 @@ class Objective:
             return batch.shape[0]
         return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
 
-    def _forward(self, batch: Batch) -> tuple[Any, Batch]:
+    def _forward(self, batch: Batch, gradients: bool = False) -> tuple[Any, Batch]:
         if isinstance(batch, torch.Tensor):
             batch = batch.to(self.device)
         else:
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
-        with torch.no_grad(), torch.autocast(self.device.type, self.dtype or torch.float32,
-                                             enabled=self.dtype is not None):
+        with torch.set_grad_enabled(gradients), torch.autocast(
+                self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
             output = self.model(**batch) if isinstance(batch, Mapping) and \
                 not _takes_one_dict(self.model) else self.model(batch)
         return output, batch
@@ -569,18 +577,71 @@ class Objective:
             prediction = (prediction * weights).sum(1) / weights.sum(1)
         return prediction
 
+    def _loss(self, merged: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        if self.kind == "kl":
+            return F.kl_div(merged, reference, log_target=True, reduction="none").sum(-1)
+        return 1 - F.cosine_similarity(merged, reference, dim=-1)
+
     def losses(self) -> torch.Tensor:
         """Per-example loss of the model as it is patched now."""
         losses = []
         for batch, reference in zip(self.batches, self.reference):
             output, moved = self._forward(batch)
-            merged = self._target(output, moved)
-            if self.kind == "kl":
-                loss = F.kl_div(merged, reference, log_target=True, reduction="none").sum(-1)
-            else:
-                loss = 1 - F.cosine_similarity(merged, reference, dim=-1)
-            losses.append(loss.cpu())
+            losses.append(self._loss(self._target(output, moved), reference).cpu())
         return torch.cat(losses)
+
+    def merge_derivatives(self, blocks: Sequence[int], seed: int = 0
+                          ) -> dict[int, tuple[float, float]]:
+        """Per block, how the mean loss changes as the block merges a fraction of one token
+        more than the model as it is patched now (:func:`pitome.runtime.state.relaxed_merges`;
+        one forward with gradients and two backward passes per batch): ``(g, h)`` at
+        fraction 0, so merging one more changes the loss by about ``g + h/2``.
+
+        ``g`` is the loss's derivative, ``h`` its Gauss-Newton curvature (the curvature of
+        the outputs themselves left out),
+        estimated per example from one random probe: for KL, the squared derivative of
+        ``log q_y`` with ``y`` drawn from the merged model's classes (whose covariance
+        is the KL's Hessian in the logits); for ``1 − cos``, of ``v·m`` with ``v`` a
+        Gaussian projected off the output ``m`` and scaled by ``1/|m|``."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        first = torch.zeros(len(blocks), dtype=torch.float64)
+        second = torch.zeros(len(blocks), dtype=torch.float64)
+        for batch, reference in zip(self.batches, self.reference):
+            fractions = {block: torch.zeros(self._count(batch), device=self.device,
+                                            requires_grad=True) for block in blocks}
+            with relaxed_merges(fractions):
+                output, moved = self._forward(batch, gradients=True)
+            with torch.enable_grad():
+                merged = self._target(output, moved)
+                loss = self._loss(merged, reference)
+                probe = self._curvature_probe(merged.detach(), generator)
+                score = (merged * probe).sum(-1)
+            inputs = list(fractions.values())
+            slopes = torch.autograd.grad(loss.sum(), inputs, retain_graph=True,
+                                         allow_unused=True)
+            probes = torch.autograd.grad(score.sum(), inputs, allow_unused=True)
+            for index, (slope, probed) in enumerate(zip(slopes, probes)):
+                if slope is not None:
+                    first[index] += slope.double().sum().cpu()
+                if probed is not None:
+                    second[index] += probed.double().square().sum().cpu()
+        return {block: (float(first[index] / self.examples),
+                        float(second[index] / self.examples))
+                for index, block in enumerate(blocks)}
+
+    def _curvature_probe(self, merged: torch.Tensor, generator: torch.Generator
+                         ) -> torch.Tensor:
+        """A random ``v`` per example with ``E[v vᵀ]`` the loss's Gauss-Newton Hessian in
+        the outputs (see :meth:`merge_derivatives`)."""
+        if self.kind == "kl":
+            probabilities = merged.exp()
+            drawn = torch.multinomial(probabilities, 1, generator=generator)
+            return torch.zeros_like(merged).scatter_(1, drawn, 1.0)  # ∂(v·log q) = ∂ log q_y
+        norm = merged.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = merged / norm
+        noise = torch.randn(merged.shape, generator=generator, device=merged.device,
+                            dtype=merged.dtype)
+        return (noise - (noise * unit).sum(-1, keepdim=True) * unit) / norm
 
 
 # ----------------------------------------------------------------------------- the search
@@ -588,7 +649,7 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
               flops: float = 0.6, *, objective: str = "auto", holdout: float = 0.25,
               max_evaluations: int = 150, batch_size: int = 32,
               dtype: torch.dtype | None = None, progress: bool = False,
-              name: str | None = None, grid: float | None = None,
+              name: str | None = None, grid: float | None = None, rates: str = "probe",
               **options: Any) -> Calibration:
     """Per-block merge counts (vision) or keep ratios (text) for ``model`` under a FLOPs
     budget, found without labels.
@@ -619,6 +680,14 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
         name: what to call the model in the result (default: its class name).
         grid: the step of a text model's keep ratios (default 0.005): each block keeps
             ``1 − k·grid`` of its tokens, ``k`` from 0 (no merge) to ρ = 0.5.
+        rates: how the search measures each block's harm per MAC at a schedule:
+            ``"probe"``, one forward per mergeable block with that block changed;
+            ``"gradient"`` (vision models, algorithms that plan merges), one forward with
+            gradients through a relaxed merge of one token more in every block and two
+            backward passes (:meth:`Objective.merge_derivatives`), counted as
+            ``_Search.GRADIENT_EVALUATIONS`` evaluations; or ``"gradient-then-probe"``,
+            derivatives first and probes where the moves they suggest do not help, before
+            the step shrinks (docs/calibration.md compares the three).
         **options: keyword options for ``pitome.patch`` (``margin``, ``prop_attn``, ...),
             used in every evaluation and kept in the result.
 
@@ -632,6 +701,8 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
         raise TypeError(f"algo must be a registered algorithm's name, got {algo!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if rates not in RATES:
+        raise ValueError(f"rates must be one of {', '.join(RATES)}, got {rates!r}")
     holdout_value = scalar(holdout)
     if holdout_value is None or not 0 <= holdout_value < 1:
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
@@ -644,11 +715,15 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
     listed = _as_batches(batches, batch_size)
     space = schedule_space(model, algo, options, listed, grid)
     budget = _check_budget(flops, space)
+    if rates != "probe" and not isinstance(space, ScheduleSpace):
+        raise ValueError(f"rates={rates!r} relaxes a vision model's per-block token counts; "
+                         "a text model's keep ratios are searched with rates='probe'")
     search_batches, held_batches = _split(listed, holdout_value)
     search = Objective(model, search_batches, objective, dtype)
     held = Objective(model, held_batches, search.kind, dtype) if held_batches else None
     bar = _progress_bar(progress, max_evaluations)
-    searcher = _Search(model, algo, options, space, budget, search, held, max_evaluations, bar)
+    searcher = _Search(model, algo, options, space, budget, search, held, max_evaluations, bar,
+                       rates)
     try:
         shapes, starts = {}, {}
         for shape in space.shape_names:
@@ -672,7 +747,7 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[Batch], algo: s
         start=start, shapes=shapes, history=searcher.history, evaluations=searcher.evaluations,
         seconds=time.perf_counter() - started, model=name or type(model).__name__,
         examples={"search": search.examples, "holdout": held.examples if held else 0},
-        options=dict(options))
+        options=dict(options), rates=rates)
 
 
 def _check_budget(flops: Any, space: StepSpace) -> int:
@@ -740,15 +815,18 @@ class _Search:
     """The exchange search over per-block counts (module docstring), memoising losses."""
 
     TRIES = 3
+    GRADIENT_EVALUATIONS = 4  # its wall time: 3.2-3.3 forwards (ViT-Tiny, CPU)
 
     def __init__(self, model, algo, options, space: StepSpace, budget: int,
-                 search: Objective, held: Objective | None, max_evaluations: int, bar) -> None:
-        self.model, self.algo, self.options = model, algo, options
+                 search: Objective, held: Objective | None, max_evaluations: int, bar,
+                 rates: str = "probe") -> None:
+        self.model, self.algo, self.options, self.rates = model, algo, options, rates
         self.space, self.budget, self.search, self.held = space, budget, search, held
         self.max_evaluations, self.bar = max_evaluations, bar
         self.evaluations = 0
         self.losses: dict[tuple[int, ...], float] = {}
         self.held_losses: dict[tuple[int, ...], float] = {}
+        self.gradient_rates: dict[tuple[int, ...], tuple[dict[int, float], dict[int, float]]] = {}
         self.history: list[dict[str, Any]] = []
         self.accepted: list[list[int]] = []
 
@@ -790,15 +868,19 @@ class _Search:
         current = list(start)
         self._accept(current)
         step, rates, fresh = max(1, max(current) // 4), None, False
+        first = "probe" if self.rates == "probe" else "gradient"
+        measure = first
         while step >= 1 and not self.spent:
             if rates is None:
-                rates, fresh = self._rates(current, step), True
+                rates, fresh = self._rates(current, step, measure), True
             better = self._exchange(current, step, rates)
             if better is not None:  # the rates measured at the last schedule serve again
-                current, fresh = better, False
+                current, fresh, measure = better, False, first
                 self._accept(current)
+            elif fresh and measure == "gradient" and self.rates == "gradient-then-probe":
+                rates, measure = None, "probe"  # the estimate found nothing: measure
             elif fresh:
-                step, rates = step // 2, None
+                step, rates, measure = step // 2, None, first
             else:
                 rates = None
         if self.held is None:
@@ -808,11 +890,17 @@ class _Search:
                    key=lambda index: (self.history[index]["holdout_loss"], last - index))
         return self.accepted[best]
 
-    def _rates(self, r: list[int], step: int) -> tuple[dict[int, float], dict[int, float]]:
+    def _rates(self, r: list[int], step: int, measure: str = "probe"
+               ) -> tuple[dict[int, float], dict[int, float]]:
         """Per block, the loss's change per MAC of merging there: measured by merging
         ``step`` fewer steps (or ``step`` more where the block merges none), one probe per
         block. Returned twice: as the cost of merging more there and the gain of merging
         less (a first-order search uses one rate for both)."""
+        if measure == "gradient":
+            key = tuple(r)  # a step halved at the same schedule needs no new derivatives
+            if key not in self.gradient_rates:
+                self.gradient_rates[key] = self._gradient_rates(r)
+            return self.gradient_rates[key]
         base_loss, base_cost = self.loss(r), self.space.cost(r)
         rates = {}
         for block in self.space.mergeable_blocks:
@@ -826,6 +914,32 @@ class _Search:
             if probe[block] != r[block] and macs > 0:
                 rates[block] = sign * (self.loss(probe) - base_loss) / macs
         return rates, rates
+
+    def _gradient_rates(self, r: list[int]) -> tuple[dict[int, float], dict[int, float]]:
+        """The rates of :meth:`_rates` from derivatives instead of probes: each block's
+        loss change of merging one token more, ``g + h/2``, and its fall when merging one
+        fewer, ``g − h/2`` (:meth:`Objective.merge_derivatives`), per MAC that token costs. One
+        forward with gradients and two backward passes, counted as
+        ``GRADIENT_EVALUATIONS`` evaluations."""
+        base_cost, blocks, macs = self.space.cost(r), [], {}
+        for block in self.space.mergeable_blocks:
+            more = list(r)
+            more[block] += 1
+            if self.space.clamp(more) == more and base_cost > self.space.cost(more):
+                blocks.append(block)
+                macs[block] = base_cost - self.space.cost(more)
+        if not blocks:
+            return {}, {}
+        patch(self.model, self.algo, **self.space.describe(r), **self.options)
+        derivatives = self.search.merge_derivatives(blocks, seed=self.evaluations)
+        self.evaluations += self.GRADIENT_EVALUATIONS
+        if self.bar is not None:
+            self.bar.update(self.GRADIENT_EVALUATIONS)
+        rise = {block: (slope + curvature / 2) / macs[block]
+                for block, (slope, curvature) in derivatives.items()}
+        fall = {block: (slope - curvature / 2) / macs[block]
+                for block, (slope, curvature) in derivatives.items()}
+        return rise, fall
 
     def _exchange(self, r: list[int], step: int,
                   rates: tuple[dict[int, float], dict[int, float]]) -> list[int] | None:

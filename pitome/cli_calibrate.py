@@ -63,6 +63,12 @@ def add_calibrate_parser(commands: argparse._SubParsersAction,
                          help="fraction of the batches held out to choose the result by")
     command.add_argument("--max-evaluations", type=at_least(1), default=150,
                          help="forward passes over the calibration images to spend")
+    command.add_argument("--rates", choices=("probe", "gradient", "gradient-then-probe"),
+                         default="probe",
+                         help="how the search measures each block's harm per FLOP: one "
+                              "forward per block, the derivatives of a relaxed merge, or "
+                              "derivatives first and probes where they find nothing (the "
+                              "last two for images only)")
     add_device(command)
     command.add_argument("--dtype", choices=DTYPES, default="fp32", help="autocast precision")
     command.add_argument("--out", help="output JSON (default: calibration-ALGO.json)")
@@ -81,6 +87,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     out = Path(args.out or f"calibration-{algo[0]}.json")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; give --overwrite to replace it, or another --out")
+    if args.text is not None and args.rates != "probe":
+        raise UsageError(f"--rates {args.rates} relaxes a vision model's token counts; a "
+                         "text model is searched with --rates probe")
     if args.text is None and args.grid is not None:
         raise UsageError("--grid is the step of a text model's keep ratios; give it with --text")
     device = pick_device(args.device)
@@ -98,7 +107,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     result = calibrate(model, batches, algo[0], budget, holdout=args.holdout,
                        max_evaluations=args.max_evaluations, batch_size=args.batch_size,
-                       dtype=dtype, progress=True, name=args.model, **text_options)
+                       dtype=dtype, progress=True, name=args.model, rates=args.rates,
+                       **text_options)
     result.save(out, overwrite=args.overwrite)
     if weights == "random weights":
         print("RANDOM WEIGHTS, the schedule means nothing", file=sys.stderr)

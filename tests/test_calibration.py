@@ -46,13 +46,15 @@ def kl_of(model, algo: str, r, inputs) -> float:
     return kl_per_image(merged, reference).mean().item()
 
 
+@pytest.mark.parametrize("rates", ["probe", "gradient", "gradient-then-probe"])
 @pytest.mark.parametrize("algo", ["pitome", "tome"])
-def test_calibration_beats_uniform_where_late_blocks_are_free(algo):
+def test_calibration_beats_uniform_where_late_blocks_are_free(algo, rates):
     model = late_blocks_idle()
     budget = uniform_flops(model, 0.9, algo)
     result = calibrate(model, images(32, seed=1), algo, budget, batch_size=8,
-                       max_evaluations=60)
+                       max_evaluations=60, rates=rates)
     assert pitome.merge_config(model) is None  # left unmerged
+    assert result.rates == rates
     assert result.flops <= budget
     assert schedule_macs(model, result.r) <= budget * schedule_macs(model, [0] * 4)
     uniform = result.shapes["uniform"]["r"]
@@ -108,6 +110,9 @@ def test_bad_arguments_are_refused():
         calibrate(model, images(4), objective="mse")
     with pytest.raises(ValueError, match="holdout"):
         calibrate(model, images(4), holdout=1.0)
+    with pytest.raises(ValueError, match="rates must be one of probe, gradient, "
+                                         "gradient-then-probe, got 'adjoint'"):
+        calibrate(model, images(4), rates="adjoint")
     with pytest.raises(ValueError, match="batches holds no inputs"):
         calibrate(model, [])
     with pytest.raises(TypeError, match="each batch"):
@@ -119,12 +124,35 @@ def test_bad_arguments_are_refused():
         calibrate(model, images(4))
 
 
-def test_headless_encoder_is_calibrated_on_pooled_features():
+@pytest.mark.parametrize("rates", ["probe", "gradient"])
+def test_headless_encoder_is_calibrated_on_pooled_features(rates):
     torch.manual_seed(0)
     model = VisionTransformer(**{**TINY, "num_classes": 0}).eval()
-    result = calibrate(model, images(8), "pitome", 0.8, batch_size=4, max_evaluations=20)
+    result = calibrate(model, images(8), "pitome", 0.8, batch_size=4, max_evaluations=20,
+                       rates=rates)
     assert result.objective == "cosine" and result.flops <= 0.8
-    assert 0 <= result.loss < 1
+    assert 0 <= result.loss <= min(shape["loss"] for shape in result.shapes.values())
+
+
+def test_gradient_rates_rank_blocks_as_probes_do_where_merging_is_free():
+    """On the model whose last two blocks add nothing, one merge more costs nothing in
+    blocks 1-3 (a merge changes only what later blocks' attention sees, and the class token
+    passes blocks 2 and 3 unchanged) and something in block 0: the derivatives say so, and
+    a probe agrees."""
+    from pitome.calibration import Objective
+
+    model = late_blocks_idle()
+    objective = Objective(model, list(images(16, seed=1).split(8)), "kl")
+    pitome.patch(model, "tome", r=[4, 4, 4, 4])
+    derivatives = objective.merge_derivatives([0, 1, 2, 3])
+    change = {block: slope + curvature / 2 for block, (slope, curvature) in derivatives.items()}
+    assert change[1] == change[2] == change[3] == 0
+    assert change[0] > 0
+    base = objective.losses().mean().item()
+    for block, expected in ((0, True), (1, False)):
+        pitome.unpatch(model)
+        pitome.patch(model, "tome", r=[5 if b == block else 4 for b in range(4)])
+        assert (objective.losses().mean().item() > base + 1e-6) == expected
 
 
 def test_save_load_round_trip_and_apply(tmp_path):
@@ -163,10 +191,11 @@ def test_calibrate_command_writes_the_json(tmp_path, capsys):
     out = tmp_path / "c.json"
     args = ["calibrate", "--data", str(folder), "--model", "vit_tiny_patch16_224",
             "--random-weights", "--algo", "tome", "--num-images", "4", "--batch", "2",
-            "--max-evaluations", "4", "--out", str(out)]
+            "--max-evaluations", "12", "--rates", "gradient", "--out", str(out)]
     assert main(args) == 0
     result = Calibration.load(out)
     assert result.algo == "tome" and len(result.r) == 12 and result.flops <= result.budget
+    assert result.rates == "gradient"
     assert result.examples == {"search": 2, "holdout": 2}
     assert "calibrated" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite

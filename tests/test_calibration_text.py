@@ -244,6 +244,8 @@ def test_text_calibration_arguments_are_checked():
         calibrate(build("vit"), images(4), "tome", 0.8, grid=0.05)
     with pytest.raises(ValueError, match=r"flops=0.1: .* in \("):
         calibrate(model, batches, "pitome", 0.1)
+    with pytest.raises(ValueError, match="rates='probe'"):
+        calibrate(model, batches, "pitome", 0.9, rates="gradient")
     # One dict of many rows is split into batch_size rows, and the budget counts real tokens.
     whole = padded([30, 12, 25, 8], seed=5)
     assert sentence_lengths(whole) == [30, 12, 25, 8]
@@ -280,6 +282,8 @@ def test_calibrate_command_calibrates_a_text_encoder(tmp_path, capsys):
     assert result.examples == {"search": 6, "holdout": 2}
     assert "keep ratio per block" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite
+    assert main([*args, "--overwrite", "--rates", "gradient"]) == 2
+    assert "--rates probe" in capsys.readouterr().err
 
 
 def test_a_sentence_transformers_model_is_calibrated_on_its_embeddings():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +13,7 @@ import torch
 from ..core.attention import log_size_bias
 from ..core.plan import MergePlan
 from ..core.registry import Algorithm, MergeContext
+from ..core.relaxed import move_fraction, next_merge
 from ..core.schedule import MarginSpec, TokenSchedule, resolve_margin, token_counts
 from ..kernels.launch import fuses_head_mean
 from ..kernels.merge import merge_tokens
@@ -19,6 +23,31 @@ from .padded import PaddedRun, apply_row_plan, padded_counts
 
 
 PADDED_LAYOUTS = ("auto", "packed", "padded", "by_length")
+_RELAXED: ContextVar[Mapping[int, torch.Tensor] | None] = ContextVar("pitome_relaxed",
+                                                                     default=None)
+
+
+@contextlib.contextmanager
+def relaxed_merges(fractions: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Forwards inside the ``with`` block (in this thread) merge a fraction more in some blocks.
+
+    ``fractions`` maps a block index to a ``B`` tensor, one fraction in [0, 1) per input:
+    that block merges its scheduled tokens, then moves the fraction of the token its
+    algorithm would merge next into that token's destination (:mod:`pitome.core.relaxed`).
+    Fractions of 0 that require gradients give, in backward, each block's first-order
+    change of the loss per token merged more. Eager, unpadded forwards only; a block's
+    fraction needs room for one merge more.
+    """
+    for block, fraction in fractions.items():
+        if not isinstance(block, int) or not isinstance(fraction, torch.Tensor) \
+                or fraction.ndim != 1:
+            raise ValueError(f"relaxed_merges maps block indices to 1-D tensors of fractions "
+                             f"(one per input), got {block!r}: {fraction!r}")
+    token = _RELAXED.set(dict(fractions))
+    try:
+        yield
+    finally:
+        _RELAXED.reset(token)
 
 
 def synchronisation_free() -> bool:
@@ -179,6 +208,7 @@ class MergeState:
         self._entering: dict[int, tuple] = {}
         self._replay_plans: dict[int, MergePlan] = {}
         self._replaying = False
+        self.relaxed = self._relaxed_fractions(batch, padding)
 
     def enter(self, block: int) -> None:
         """Call as a block starts: a block entered before (a recomputation by activation
@@ -203,13 +233,30 @@ class MergeState:
             groups[length] = (rows, token_counts(length, merges))
         return groups
 
+    def _relaxed_fractions(self, batch: int, padding: torch.Tensor | None
+                           ) -> Mapping[int, torch.Tensor]:
+        """The fractions :func:`relaxed_merges` gives this forward (checked), or none."""
+        fractions = _RELAXED.get()
+        if not fractions:
+            return {}
+        if padding is not None or synchronisation_free():
+            raise ValueError("relaxed_merges runs eager forwards of unpadded inputs only")
+        for block, fraction in fractions.items():
+            if not 0 <= block < self.num_blocks:
+                raise ValueError(f"relaxed_merges: block {block} is not one of the "
+                                 f"{self.num_blocks} blocks")
+            if fraction.shape != (batch,):
+                raise ValueError(f"relaxed_merges: block {block}'s fractions have shape "
+                                 f"{tuple(fraction.shape)}; the batch needs ({batch},)")
+        return fractions
+
     def merging(self, block: int) -> bool:
         """Whether any token merges in ``block``."""
         if self.packed is not None:
             return self.packed.merges(block)
         if self.rows is not None:
             return self.rows.merging[block]
-        return self.merges[block] > 0
+        return self.merges[block] > 0 or block in self.relaxed
 
     @property
     def biased(self) -> bool:
@@ -267,7 +314,8 @@ class MergeState:
         """
         r = self.merges[block]
         if (r == 0 or self._replaying or self.config.metric != "keys" or self.padding is not None
-                or self.needs_attention or not plan_ahead_enabled(head_keys)):
+                or self.needs_attention or block in self.relaxed
+                or not plan_ahead_enabled(head_keys)):
             return False
         main = torch.cuda.current_stream(head_keys.device)
         side = side_stream(head_keys.device)
@@ -298,6 +346,8 @@ class MergeState:
             return self.packed.merge(x, metric, block) if self.packed.merges(block) else x
         if self.rows is not None:
             return x
+        if block in self.relaxed:
+            return self._merge_relaxed(x, metric, block, attention, residual)
         if r == 0:
             return x
         plan = self.planned_ahead.pop(block, None)
@@ -348,6 +398,33 @@ class MergeState:
             plan = self._plan(metric, r, block, sizes, attention)
         x, sizes = merge_tokens(plan, x, sizes, residual)
         return x, sizes, None if source is None else plan.apply(source, "amax"), plan
+
+    def _merge_relaxed(self, x: torch.Tensor, metric: torch.Tensor | None, block: int,
+                       attention: torch.Tensor | None,
+                       residual: torch.Tensor | None) -> torch.Tensor:
+        """The block's scheduled merges, then its fraction of the next (see
+        :func:`relaxed_merges`)."""
+        if metric is None:
+            raise ValueError(f"block {block} was planned ahead; a relaxed block plans here")
+        r, tokens, sizes = self.merges[block], x.shape[1], self.sizes
+        if 2 * (r + 1) > tokens - self.num_prefix:
+            raise ValueError(f"relaxed_merges: block {block} merges {r} of its {tokens} tokens "
+                             "and has no room for one more")
+        following = self._plan(metric, r + 1, block, sizes, attention)
+        done = None
+        if r:
+            x, self.sizes, self.source, done = self._plan_and_apply(
+                x, metric, sizes, self.source, r, block, attention, residual)
+            if self.config.keep_plans:
+                self.plans[block] = done
+        elif residual is not None:
+            x = x + residual
+        if type(following) is not MergePlan or done is not None and type(done) is not MergePlan:
+            raise TypeError(f"relaxed_merges needs merge plans; {self.config.algo!r} plans "
+                            f"with {type(following).__name__}")
+        source, target = next_merge(done, following, tokens)
+        x, self.sizes = move_fraction(x, self.sizes, source, target, self.relaxed[block])
+        return x
 
     def _merge_padded_rows(self, x: torch.Tensor, metric: torch.Tensor, block: int,
                            residual: torch.Tensor | None = None) -> torch.Tensor:
