@@ -125,6 +125,8 @@ class Calibration:
         fields = asdict(self)
         if fields["ratio"] is None:  # a vision file stays what readers before ratio read
             del fields["ratio"]
+        if fields["rates"] == "probe":  # ... and before rates
+            del fields["rates"]
         path.write_text(json.dumps({"format": FORMAT, **fields}, indent=2) + "\n")
         return path
 

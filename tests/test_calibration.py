@@ -162,6 +162,7 @@ def test_save_load_round_trip_and_apply(tmp_path):
     path = result.save(tmp_path / "c.json")
     loaded = Calibration.load(path)
     assert loaded == result
+    assert "rates" not in json.loads(path.read_text())  # probe files read as before rates
     with pytest.raises(FileExistsError, match="overwrite"):
         result.save(path)
     result.save(path, overwrite=True)
