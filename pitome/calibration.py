@@ -839,10 +839,13 @@ class _Search:
     def _evaluate(self, objective: Objective, r: Sequence[int]) -> float:
         patch(self.model, self.algo, **self.space.describe(r), **self.options)
         loss = objective.losses().mean().item()
-        self.evaluations += 1
-        if self.bar is not None:
-            self.bar.update(1)
+        self._spend(1)
         return loss
+
+    def _spend(self, evaluations: int) -> None:
+        self.evaluations += evaluations
+        if self.bar is not None:
+            self.bar.update(evaluations)
 
     def loss(self, r: Sequence[int]) -> float:
         key = tuple(r)
@@ -897,7 +900,8 @@ class _Search:
         """Per block, the loss's change per MAC of merging there: measured by merging
         ``step`` fewer steps (or ``step`` more where the block merges none), one probe per
         block. Returned twice: as the cost of merging more there and the gain of merging
-        less (a first-order search uses one rate for both)."""
+        less (a first-order search uses one rate for both). ``measure="gradient"`` takes
+        them from derivatives instead (:meth:`_gradient_rates`), once per schedule."""
         if measure == "gradient":
             key = tuple(r)  # a step halved at the same schedule needs no new derivatives
             if key not in self.gradient_rates:
@@ -923,20 +927,19 @@ class _Search:
         fewer, ``g − h/2`` (:meth:`Objective.merge_derivatives`), per MAC that token costs. One
         forward with gradients and two backward passes, counted as
         ``GRADIENT_EVALUATIONS`` evaluations."""
-        base_cost, blocks, macs = self.space.cost(r), [], {}
+        base_cost, macs = self.space.cost(r), {}
         for block in self.space.mergeable_blocks:
             more = list(r)
             more[block] += 1
-            if self.space.clamp(more) == more and base_cost > self.space.cost(more):
-                blocks.append(block)
-                macs[block] = base_cost - self.space.cost(more)
-        if not blocks:
+            if self.space.clamp(more) == more:
+                saved = base_cost - self.space.cost(more)
+                if saved > 0:
+                    macs[block] = saved
+        if not macs:
             return {}, {}
         patch(self.model, self.algo, **self.space.describe(r), **self.options)
-        derivatives = self.search.merge_derivatives(blocks, seed=self.evaluations)
-        self.evaluations += self.GRADIENT_EVALUATIONS
-        if self.bar is not None:
-            self.bar.update(self.GRADIENT_EVALUATIONS)
+        derivatives = self.search.merge_derivatives(list(macs), seed=self.evaluations)
+        self._spend(self.GRADIENT_EVALUATIONS)
         rise = {block: (slope + curvature / 2) / macs[block]
                 for block, (slope, curvature) in derivatives.items()}
         fall = {block: (slope - curvature / 2) / macs[block]

@@ -411,6 +411,9 @@ class MergeState:
             raise ValueError(f"relaxed_merges: block {block} merges {r} of its {tokens} tokens "
                              "and has no room for one more")
         following = self._plan(metric, r + 1, block, sizes, attention)
+        if type(following) is not MergePlan:  # the plan for r is of the same algorithm
+            raise TypeError(f"relaxed_merges needs merge plans; {self.config.algo!r} plans "
+                            f"with {type(following).__name__}")
         done = None
         if r:
             x, self.sizes, self.source, done = self._plan_and_apply(
@@ -419,9 +422,6 @@ class MergeState:
                 self.plans[block] = done
         elif residual is not None:
             x = x + residual
-        if type(following) is not MergePlan or done is not None and type(done) is not MergePlan:
-            raise TypeError(f"relaxed_merges needs merge plans; {self.config.algo!r} plans "
-                            f"with {type(following).__name__}")
         source, target = next_merge(done, following, tokens)
         x, self.sizes = move_fraction(x, self.sizes, source, target, self.relaxed[block])
         return x
